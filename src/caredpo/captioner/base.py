@@ -1,0 +1,32 @@
+"""The interface every captioner backend implements (our small video LM, HF video MLLMs).
+
+The preference stage and the DG-DPO trainer only talk to this protocol, so a backend is swapped
+without touching them.
+"""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    def generate(
+        self,
+        features: torch.Tensor,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 32,
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        """Sample `n` captions per video. features: backend-specific visual input with a leading
+        batch dim B (our default: the 2x2 grid features [B, T, 4, C]). Returns B lists of n
+        strings. temperature == 0 means greedy. Deterministic for a given seed."""
+        ...
+
+    def logprob(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Summed log p(caption tokens | video, prompt) -> [B], one caption per video.
+        Differentiable w.r.t. trainable parameters; padding and prompt are masked out."""
+        ...

@@ -1,0 +1,44 @@
+"""The `caredpo` command: a thin layer over the library, one module per pipeline stage.
+
+`main(argv) -> int` is the entry point for tests and scripts; `run_cli` is the console script.
+Bad input surfaces as one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from ..records import DataError
+from ..video import VideoError
+from . import data as _data
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="CaRe-DPO: captions tuned for text-video retrieval.")
+app.add_typer(_data.app, name="data")
+_data.register(app)
+
+# Errors a user can fix by changing their input; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (DataError, VideoError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, prog_name="caredpo", standalone_mode=False)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_cli() -> None:
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The records every data set is read into: videos, sentences, queries.
+
+TwinClips, MSR-VTT, DiDeMo, ActivityNet Captions and MSVD all become one `Dataset`, so every
+later stage (features, captioner, retriever, preferences, evaluation) reads one shape.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class DataError(ValueError):
+    """Bad input data. The message is one line: the file, the entry and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Video:
+    id: str
+    path: str  # relative to Dataset.root (or absolute)
+    split: str  # "train" | "val" | "test"
+    group: str | None = None  # twin group (TwinClips) — the hard negatives of this video
+    factors: Mapping[str, Any] = field(default_factory=dict)  # generating factors, for people
+
+
+@dataclass(frozen=True)
+class Sentence:
+    video_id: str
+    text: str
+    specificity: str | None = None  # "generic" | "medium" | "specific" where known
+
+
+@dataclass
+class Dataset:
+    """Videos, their reference sentences, and the evaluation queries of each test video."""
+
+    root: Path
+    videos: list[Video]
+    sentences: list[Sentence]
+    # video id -> query sentences. MSR-VTT 1k-A style: one per test video; an empty dict
+    # means "every sentence of a test video is a query".
+    queries: dict[str, list[str]] = field(default_factory=dict)
+    name: str = "dataset"
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        ids = [v.id for v in self.videos]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise DataError(f"{self.root}: video id {dup!r} appears more than once")
+        known = set(ids)
+        for s in self.sentences:
+            if s.video_id not in known:
+                raise DataError(f"{self.root}: sentence {s.text!r} names unknown video {s.video_id!r}")
+            if not s.text.strip():
+                raise DataError(f"{self.root}: empty sentence for video {s.video_id!r}")
+
+    @cached_property
+    def by_id(self) -> dict[str, Video]:
+        return {v.id: v for v in self.videos}
+
+    @cached_property
+    def _sentences_by_video(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = defaultdict(list)
+        for s in self.sentences:
+            out[s.video_id].append(s.text)
+        return dict(out)
+
+    def sentences_of(self, video_id: str) -> list[str]:
+        return self._sentences_by_video.get(video_id, [])
+
+    def split(self, name: str) -> list[Video]:
+        return [v for v in self.videos if v.split == name]
+
+    def video_path(self, video: Video) -> Path:
+        p = Path(video.path)
+        return p if p.is_absolute() else self.root / p
+
+    def queries_of(self, video_id: str) -> list[str]:
+        """The evaluation queries of a video: its listed queries, else all its sentences."""
+        return self.queries.get(video_id) or self.sentences_of(video_id)
+
+    def twins_of(self, video_id: str) -> list[str]:
+        """Other videos of the same twin group (empty where the data set has no groups)."""
+        g = self.by_id[video_id].group
+        if g is None:
+            return []
+        return [v.id for v in self.videos if v.group == g and v.id != video_id]
