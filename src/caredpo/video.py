@@ -1,7 +1,8 @@
-"""Video decoding with PyAV: uniform sampling of T frames, square resize, normalisation.
+"""Video decoding with PyAV: uniform sampling of T frames and a square resize.
 
-No torchvision: resizing is `F.interpolate(antialias=True)` on a centre crop, normalising is two
-tensor ops. Every failure is a `VideoError` whose message is one line naming the file and reason.
+No torchvision: resizing is `F.interpolate(antialias=True)` on a centre crop (the frame
+encoder's own pixel scaling lives in `caredpo.features.preprocess`). Every failure is a
+`VideoError` whose message is one line naming the file and reason.
 """
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Clips with at most this many frames per sampled frame are decoded straight through; longer
 # ones seek to each sample (decoding a feature film to pick 16 frames would be wasteful).
 SEQUENTIAL_FACTOR = 8
@@ -42,7 +41,8 @@ def read_frames(path: str | Path, num_frames: int, size: int) -> np.ndarray:
     except VideoError:
         raise
     except (av.error.FFmpegError, ValueError, OSError) as e:
-        raise VideoError(f"{path}: not a readable video ({type(e).__name__}: {e})") from None
+        reason = getattr(e, "strerror", None) or str(e)  # ffmpeg's text, without the path again
+        raise VideoError(f"{path}: not a readable video ({type(e).__name__}: {reason})") from None
     if not frames:
         raise VideoError(f"{path}: video has no decodable frames")
     return np.stack([_square_resize(f, size) for f in frames])
@@ -89,10 +89,3 @@ def _square_resize(frame: np.ndarray, size: int) -> np.ndarray:
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
-
-def normalize(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float [T, 3, H, W], ImageNet mean/std."""
-    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std

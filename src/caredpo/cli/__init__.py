@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from ..records import DataError
@@ -24,19 +23,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (DataError, VideoError, FileNotFo
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code. Usage errors and --help are handled by typer
+    (standalone mode, which exits); user-fixable data errors print one line and return 2."""
     try:
-        app(args=argv, prog_name="caredpo", standalone_mode=False)
+        app(args=argv, prog_name="caredpo")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        return 130
     return 0
 
 

@@ -1,0 +1,61 @@
+"""Data sets: `load_dataset(path)` reads TwinClips or a real benchmark layout into a `Dataset`.
+
+The format is detected from the files present (see `MARKERS`) or named explicitly. TwinClips is
+loaded by `caredpo.data.twinclips` (imported lazily: it pulls in the generator).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..records import DataError, Dataset
+from . import loaders
+
+
+def _load_twinclips(root: Path) -> Dataset:
+    from .twinclips import load_twinclips
+
+    return load_twinclips(root)
+
+
+# format name -> loader(root) -> Dataset
+LOADERS: dict[str, Callable[[Path], Dataset]] = {
+    "twinclips": _load_twinclips,
+    "msrvtt": loaders.load_msrvtt,
+    "didemo": loaders.load_didemo,
+    "activitynet": loaders.load_activitynet,
+    "msvd": loaders.load_msvd,
+}
+
+# format name -> files whose presence identifies it (any one), checked in this order
+MARKERS: dict[str, tuple[str, ...]] = {
+    "twinclips": ("annotations.json",),
+    "msrvtt": ("MSRVTT_data.json",),
+    "didemo": ("train_data.json", "val_data.json", "test_data.json"),
+    "activitynet": ("val_1.json", "train.json"),
+    "msvd": ("AllVideoDescriptions.txt",),
+}
+
+
+def detect_format(root: str | Path) -> str:
+    root = Path(root)
+    for name, files in MARKERS.items():
+        if any((root / f).is_file() for f in files):
+            return name
+    expected = ", ".join(f"{k} ({'/'.join(v)})" for k, v in MARKERS.items())
+    raise DataError(f"{root}: no known annotation file; expected one of: {expected}")
+
+
+def load_dataset(path: str | Path, format: str = "auto") -> Dataset:
+    """Read a data directory (or its annotation file) in any supported format."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    root = path.parent if path.is_file() else path
+    name = detect_format(root) if format == "auto" else format
+    if name not in LOADERS:
+        raise DataError(f"{path}: unknown data format {name!r}; choose from auto, {', '.join(LOADERS)}")
+    return LOADERS[name](root)
+
+
+__all__ = ["LOADERS", "MARKERS", "detect_format", "load_dataset"]
