@@ -11,12 +11,23 @@ import typer
 
 from ..records import DataError
 from ..video import VideoError
+from . import captioner as _captioner
 from . import data as _data
+from . import dpo as _dpo
+from . import prefs as _prefs
+from . import retriever as _retriever
+from . import run as _run
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="CaRe-DPO: captions tuned for text-video retrieval.")
+_run.register(app)  # the main job first in --help
 app.add_typer(_data.app, name="data")
 _data.register(app)
+app.add_typer(_captioner.app, name="captioner")
+app.add_typer(_retriever.app, name="retriever")
+_retriever.register(app)
+_prefs.register(app)
+_dpo.register(app)
 
 # Errors a user can fix by changing their input; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (DataError, VideoError, FileNotFoundError)

@@ -1,0 +1,124 @@
+"""`caredpo captioner sft` and `caredpo captioner generate`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="The video captioner: supervised fine-tuning and caption generation.")
+
+# preset -> (CaptionerConfig overrides, SFTConfig overrides)
+PRESETS: dict[str, tuple[dict, dict]] = {
+    "default": ({}, {}),
+    "smoke": ({"lm": "tiny", "projector_hidden": 64, "lora_layers": -1, "lora_rank": 4},
+              {"steps": 20, "videos_per_step": 4, "val_every": 0, "save_every": 10}),
+}
+
+
+@app.command("sft")
+def sft(
+    data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: model/, checkpoint/, sft_log.jsonl, sft.json."),
+    preset: str = typer.Option("default", "--preset", help="default (SmolLM2) or smoke (tiny random LM)."),
+    lm: Optional[str] = typer.Option(None, "--lm", help="smollm2, tiny, or a local Hugging Face model folder."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
+    videos_per_step: Optional[int] = typer.Option(None, "--videos-per-step"),
+    captions_per_video: Optional[int] = typer.Option(None, "--captions-per-video"),
+    lora_layers: Optional[int] = typer.Option(None, "--lora-layers", help="Top LM layers with LoRA (-1 all, 0 none)."),
+    lora_rank: Optional[int] = typer.Option(None, "--lora-rank"),
+    lr_projector: Optional[float] = typer.Option(None, "--lr-projector"),
+    lr_lora: Optional[float] = typer.Option(None, "--lr-lora"),
+    val_every: Optional[int] = typer.Option(None, "--val-every", help="Steps between val passes (0: at the end)."),
+    val_videos: Optional[int] = typer.Option(None, "--val-videos", help="At most this many val videos."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (0: at the end)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
+) -> None:
+    """Fine-tune projector + LoRA on every reference sentence of the train split."""
+    from ..captioner.model import VideoCaptioner
+    from ..captioner.sft import train_sft
+    from ..progress import console
+
+    _threads(threads)
+    model_kw = _given(lm=lm, lora_layers=lora_layers, lora_rank=lora_rank, seed=seed)
+    sft_kw = _given(steps=steps, videos_per_step=videos_per_step, captions_per_video=captions_per_video,
+                    lr_projector=lr_projector, lr_lora=lr_lora, val_every=val_every, val_videos=val_videos,
+                    save_every=save_every, seed=seed)
+    model_cfg, sft_cfg = _configs(preset, model_kw, sft_kw)
+    dataset, store = _load(data, features)
+    model = VideoCaptioner(model_cfg)
+    result = train_sft(model, dataset, store, out, sft_cfg, resume=resume, log=console().print)
+    console().print(f"final val loss {result['final_val_loss']}  ({result['seconds_this_run']} s)")
+    typer.echo(str(out / "model"))
+
+
+@app.command("generate")
+def generate(
+    model: Path = typer.Option(..., "--model", help="Captioner folder (or an SFT/DPO run folder)."),
+    data: Path = typer.Option(..., "--data", help="Data folder."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
+    out: Path = typer.Option(..., "--out", help="captions .jsonl (appended to; resumes without duplicates)."),
+    split: str = typer.Option("test", "--split", help="Which split to caption (train, val, test, all)."),
+    n: int = typer.Option(1, "--n", help="Captions per video."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    batch_videos: int = typer.Option(16, "--batch-videos", help="Videos per generate call."),
+    lm: Optional[str] = typer.Option(None, "--lm", help="Override where the base LM comes from."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
+) -> None:
+    """Caption the videos of a split into a jsonl: video_id, captions, sampling settings."""
+    from ..captioner.generate import SamplingConfig, generate_captions
+    from ..captioner.model import VideoCaptioner
+    from ..records import DataError
+
+    _threads(threads)
+    try:
+        sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                  seed=seed, batch_videos=batch_videos)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    dataset, store = _load(data, features)
+    videos = dataset.videos if split == "all" else dataset.split(split)
+    ids = [v.id for v in videos if v.id in store]
+    if not ids:
+        raise DataError(f"{data}: no videos with features in split {split!r}")
+    captioner = VideoCaptioner.from_pretrained(model, lm=lm)
+    captioner.eval()
+    typer.echo(str(generate_captions(captioner, store, ids, out, sampling)))
+
+
+def _configs(preset: str, model_kw: dict, sft_kw: dict):
+    from ..captioner.model import CaptionerConfig
+    from ..captioner.sft import SFTConfig
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    base_model, base_sft = PRESETS[preset]
+    try:
+        return CaptionerConfig(**{**base_model, **model_kw}), SFTConfig(**{**base_sft, **sft_kw})
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _given(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _load(data: Path, features: Optional[Path]):
+    from ..data import load_dataset
+    from ..features import FeatureStore
+
+    return load_dataset(data), FeatureStore.load(features or data / "features")
+
+
+def _threads(n: int) -> None:
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)

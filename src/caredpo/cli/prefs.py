@@ -1,0 +1,48 @@
+"""`caredpo prefs`: preference groups for DG-DPO from the SFT captioner and a trained retriever.
+
+    caredpo prefs --data D --features D/features --captioner RUN/captioner/sft \
+        --retriever RUN/retriever/role --train-captions RUN/captions/sft_train.jsonl --out RUN/prefs
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(root: typer.Typer) -> None:
+    root.command("prefs", help="Sample K captions per training video and reward them by retrieval.")(prefs)
+
+
+def prefs(
+    data: Path = typer.Option(..., "--data", help="data set folder (TwinClips or a supported layout)"),
+    captioner: Path = typer.Option(..., "--captioner", help="SFT captioner folder (= the reference policy)"),
+    retriever: Path = typer.Option(..., "--retriever", help="trained retriever folder (model/ inside is fine)"),
+    train_captions: Path = typer.Option(..., "--train-captions", help="greedy captions of training videos (jsonl)"),
+    out: Path = typer.Option(..., "--out", help="output folder: groups.jsonl + prefs.json"),
+    features: Optional[Path] = typer.Option(None, "--features", help="features folder (default DATA/features)"),
+    samples: int = typer.Option(4, "--samples", help="K captions sampled per video"),
+    reward: str = typer.Option("contrastive", "--reward", help="contrastive | relevance"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    max_videos: int = typer.Option(0, "--max-videos", help="first N training videos only (0: all)"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    from ..captioner.generate import load_captions
+    from ..captioner.model import VideoCaptioner
+    from ..data import load_dataset
+    from ..dpo.prefs import PrefsConfig, build_preferences
+    from ..features import FeatureStore
+    from ..retrieval.model import Retriever
+    from ..retrieval.score import Scorer
+
+    cfg = PrefsConfig(num_samples=samples, reward=reward, temperature=temperature, top_p=top_p,
+                      max_videos=max_videos, seed=seed)
+    dataset = load_dataset(data)
+    store = FeatureStore.load(features or data / "features")
+    ret_dir = retriever / "model" if (retriever / "model").is_dir() else retriever
+    greedy = {v: caps[0] for v, caps in load_captions(train_captions).items()}
+    path = build_preferences(VideoCaptioner.from_pretrained(captioner).eval(),
+                             Scorer(Retriever.from_pretrained(ret_dir).eval()), dataset, store, out, greedy, cfg)
+    print(f"preference groups: {path}")

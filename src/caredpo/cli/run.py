@@ -1,0 +1,34 @@
+"""`caredpo run`: the whole experiment on the embedded TwinClips data, resumable.
+
+    caredpo run --preset default --seed 0 --out runs/default-s0
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(root: typer.Typer) -> None:
+    root.command("run", help="Run every stage (data .. evaluation) and print the results table.")(run)
+
+
+def run(
+    preset: str = typer.Option("default", "--preset", help="smoke | default"),
+    seed: int = typer.Option(0, "--seed", help="seed of every stage"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<preset>-s<seed>)"),
+    only: Optional[str] = typer.Option(None, "--only", help="comma-separated stage names to run (others skipped)"),
+) -> None:
+    from ..pipeline.presets import PRESETS
+    from ..pipeline.run import run_pipeline
+    from ..pipeline.stages import STAGES
+    from ..records import DataError
+
+    if preset not in PRESETS:
+        raise DataError(f"--preset {preset!r}: choose one of {sorted(PRESETS)}")
+    stages = only.split(",") if only else None
+    unknown = sorted(set(stages or []) - set(STAGES))
+    if unknown:
+        raise DataError(f"--only: unknown stages {unknown}; stages are {list(STAGES)}")
+    run_pipeline(preset, seed, out or Path("runs") / f"{preset}-s{seed}", stages)

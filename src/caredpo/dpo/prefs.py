@@ -1,0 +1,173 @@
+"""The preference stage: K sampled captions per training video, rewarded by the retriever.
+
+For a video v with hard negatives N(v) (its twins; on real data its nearest videos by the
+retriever's video embedding) and reference sentences Q(v):
+
+    contrastive (default):  r(c | v) = mean_q log softmax_u S(q, u, c_u) at u = v,
+                            u in {v} + N(v); v carries c, each twin its own greedy caption
+    relevance:              r(c | v) = mean_q S(q, v, c)
+
+S is the retriever's scaled cosine (logit scale x cosine). Each output row also stores the
+reference log-probs the DG-DPO loss needs (every sampled caption under v, the best caption under
+each twin), so training holds no reference model. Rows are appended one twin group at a time
+and a rerun skips the videos already written (see `caredpo.dpo.train` for the row format).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..io import append_jsonl, read_jsonl, write_json
+from ..records import Dataset, DataError
+
+GROUPS_FILE = "groups.jsonl"
+META_FILE = "prefs.json"
+
+
+def _contrastive(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """sim [Q, K + M] (K captions of v, then M twins) -> [K]: mean_q log softmax at v."""
+    own, twins = sim[:, :k], sim[:, k:]  # [Q, K], [Q, M]
+    rows = torch.cat([own[:, :, None], twins[:, None, :].expand(-1, k, -1)], dim=2)  # [Q, K, 1+M]
+    return rows.log_softmax(-1)[:, :, 0].mean(0)
+
+
+def _relevance(sim: torch.Tensor, k: int) -> torch.Tensor:
+    return sim[:, :k].mean(0)
+
+
+REWARDS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "contrastive": _contrastive,
+    "relevance": _relevance,
+}
+
+
+@dataclass(frozen=True)
+class PrefsConfig:
+    num_samples: int = 4  # K captions sampled per training video
+    temperature: float = 1.0  # sampling temperature of the SFT captioner
+    top_p: float = 0.95  # nucleus mass kept when sampling
+    max_new_tokens: int = 32  # longest sampled caption, in tokens
+    reward: str = "contrastive"  # key of REWARDS
+    num_neighbours: int = 3  # hard negatives per video where the data set has no twin groups
+    max_videos: int = 0  # use only the first N training videos, whole twin groups (0: all)
+    seed: int = 0  # group g samples with seed * 1_000_003 + crc32(g): stable under resume
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 2:
+            raise ValueError(f"PrefsConfig.num_samples must be >= 2 to form pairs, got {self.num_samples}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"PrefsConfig.reward must be one of {sorted(REWARDS)}, got {self.reward!r}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("PrefsConfig: need temperature > 0 and 0 < top_p <= 1 (sampling, not greedy)")
+        if self.max_new_tokens < 1 or self.num_neighbours < 1 or self.max_videos < 0:
+            raise ValueError("PrefsConfig: max_new_tokens, num_neighbours >= 1 and max_videos >= 0")
+
+
+def hard_negatives(dataset: Dataset, video_ids: Sequence[str], embed: Callable[[list[str]], torch.Tensor],
+                   k: int) -> dict[str, list[str]]:
+    """Twins where the data set has groups; else the k nearest videos by embedding (cosine)."""
+    if all(dataset.by_id[v].group is not None for v in video_ids):
+        return {v: dataset.twins_of(v) for v in video_ids}
+    ids = list(video_ids)
+    emb = torch.nn.functional.normalize(embed(ids), dim=-1)
+    sim = emb @ emb.T
+    sim.fill_diagonal_(-float("inf"))
+    top = sim.topk(min(k, len(ids) - 1), dim=1).indices
+    return {v: [ids[j] for j in top[i].tolist()] for i, v in enumerate(ids)}
+
+
+def _units(dataset: Dataset, video_ids: Sequence[str]) -> list[list[str]]:
+    """Work units: whole twin groups where known (one batch, both directions), else single videos."""
+    by_group: dict[str, list[str]] = {}
+    for v in video_ids:
+        by_group.setdefault(dataset.by_id[v].group or v, []).append(v)
+    return list(by_group.values())
+
+
+def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str | Path,
+                      greedy: Mapping[str, str], config: PrefsConfig = PrefsConfig(),
+                      show_progress: bool = True) -> Path:
+    """Write `out_dir/groups.jsonl` (+ `prefs.json` summary); resumes after the last whole unit.
+
+    captioner: a `Captioner` (the frozen SFT model = pi_ref). scorer: a retrieval `Scorer`.
+    store: a FeatureStore. greedy: video id -> the current greedy caption (the twins carry it).
+    """
+    from ..progress import progress_bar
+
+    out = Path(out_dir)
+    path = out / GROUPS_FILE
+    vids = _train_videos(dataset, config)
+    negatives = hard_negatives(dataset, vids, lambda ids: scorer.candidates(store.global_feats(ids)),
+                               config.num_neighbours)
+    missing = sorted({u for v in vids for u in negatives[v]} - set(greedy))
+    if missing:
+        raise DataError(f"no greedy caption for hard-negative videos {missing[:3]} (run captions for train first)")
+    done = {row["video_id"] for row in read_jsonl(path)}
+    units = [u for u in _units(dataset, vids) if not set(u) <= done]
+    with progress_bar() as bar:
+        task = bar.add_task("preferences", total=len(vids), completed=len(vids) - sum(map(len, units)),
+                            unit="videos")
+        for unit in units:
+            rows = _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config)
+            append_jsonl(path, [r for r in rows if r["video_id"] not in done])
+            bar.advance(task, len(unit))
+    write_json(out / META_FILE, {"config": asdict(config), **summarize(list(read_jsonl(path)))})
+    return path
+
+
+def _train_videos(dataset: Dataset, config: PrefsConfig) -> list[str]:
+    vids = [v.id for v in dataset.split("train")]
+    if not vids:
+        raise DataError(f"{dataset.root}: no training videos for the preference stage")
+    if config.max_videos and len(vids) > config.max_videos:
+        vids = vids[: config.max_videos]
+    return vids
+
+
+@torch.no_grad()
+def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config) -> list[dict]:
+    grid = store.grid_feats(unit)  # [U, T, 4, C]
+    seed = config.seed * 1_000_003 + zlib.crc32((dataset.by_id[unit[0]].group or unit[0]).encode())
+    samples = captioner.generate(grid, n=config.num_samples, temperature=config.temperature,
+                                 top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=seed)
+    rows = []
+    for i, v in enumerate(unit):
+        caps, negs = samples[i], negatives[v]
+        rewards = _rewards(scorer, dataset, store, v, caps, negs, greedy, config)
+        best = int(torch.argmax(rewards))
+        ref = captioner.logprob(grid[i : i + 1].expand(len(caps), *grid.shape[1:]), caps)
+        cross = captioner.logprob(store.grid_feats(negs), [caps[best]] * len(negs)) if negs else torch.zeros(0)
+        rows.append({"video_id": v, "group": dataset.by_id[v].group, "captions": caps,
+                     "rewards": rewards.tolist(), "ref_logps": ref.tolist(), "best": best,
+                     "negatives": negs, "ref_cross_logps": cross.tolist(), "lengths": _lengths(captioner, caps)})
+    return rows
+
+
+def _lengths(captioner, caps: list[str]) -> list[int]:
+    """Caption token counts (EOS included) for the per-token NLL term of the loss."""
+    return captioner.encode_captions(caps)[1].sum(1).tolist()
+
+
+def _rewards(scorer, dataset, store, v, caps, negs, greedy, config) -> torch.Tensor:
+    """[K] rewards of v's sampled captions against its twins carrying their greedy captions."""
+    k = len(caps)
+    feats = store.global_feats([v] * k + list(negs))  # [K + M, T, F]
+    sim = scorer.similarity(dataset.sentences_of(v), feats, list(caps) + [greedy[u] for u in negs])
+    return REWARDS[config.reward](sim * scorer.model.logit_scale().item(), k)
+
+
+def summarize(rows: Sequence[dict]) -> dict:
+    """Numbers that tell whether the rewards can teach anything (spread, ties, diversity)."""
+    if not rows:
+        return {"videos": 0}
+    r = torch.tensor([row["rewards"] for row in rows if len(row["rewards"]) == len(rows[0]["rewards"])])
+    spread = r.max(1).values - r.min(1).values
+    distinct = [len(set(row["captions"])) / len(row["captions"]) for row in rows]
+    return {"videos": len(rows), "reward_mean": r.mean().item(), "reward_std": r.std().item(),
+            "within_video_spread_median": spread.median().item(),
+            "share_all_tied": (spread == 0).float().mean().item(),
+            "distinct_caption_share": sum(distinct) / len(distinct)}

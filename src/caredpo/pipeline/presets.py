@@ -1,0 +1,107 @@
+"""What `caredpo run --preset NAME` runs: one frozen config per stage, chosen from a dict.
+
+`smoke` is for tests (tiny random LM and text encoder, a few dozen 64 px clips, under a minute);
+`default` uses the pretrained parts (EfficientNet-Lite0, MiniLM, SmolLM2-135M) on TwinClips.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+from ..captioner.generate import SamplingConfig
+from ..captioner.model import CaptionerConfig
+from ..captioner.sft import SFTConfig
+from ..data.twinclips import TwinClipsConfig
+from ..dpo.prefs import PrefsConfig
+from ..dpo.train import DPOConfig
+from ..features import FeatureConfig
+from ..retrieval.model import RetrieverConfig
+from ..retrieval.train import RetrieverTrainConfig
+from ..retrieval.train import preset as retriever_preset
+
+# Caption arms of the results table, in the order the paper compares them.
+CAPTION_ARMS = ("no_caption", "sft", "dpo", "dg_dpo", "reference")
+# Retriever variants: name -> (RetrieverConfig.variant, video_pooling).
+# Results-table names: role = caption with role embeddings, no_role = caption without them.
+RETRIEVERS = {
+    "no_caption": ("no_caption", "mean"),
+    "role": ("caption_role", "mean"),
+    "no_role": ("caption", "mean"),
+    "no_caption_seq": ("no_caption", "sequence"),
+    "role_seq": ("caption_role", "sequence"),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    preset: str  # name in PRESETS
+    seed: int  # one seed for every stage (each stage offsets it as it needs)
+    data: TwinClipsConfig  # the embedded data set
+    features: FeatureConfig  # frozen frame encoder: frames, resolution
+    captioner: CaptionerConfig  # the video LM (base LM, LoRA, projector)
+    sft: SFTConfig  # captioner supervised fine-tuning
+    train_captions: SamplingConfig  # greedy captions of training videos (twins carry them; retriever pool)
+    test_captions: SamplingConfig  # greedy captions of test videos, one file per caption arm
+    retriever: RetrieverTrainConfig  # retriever training (the variant is set per RETRIEVERS entry)
+    prefs: PrefsConfig  # preference groups: K samples per video, reward
+    dg_dpo: DPOConfig  # the DG-DPO arm
+    dpo: DPOConfig  # the plain-DPO baseline arm
+
+    def __post_init__(self) -> None:
+        if self.dpo.mode != "dpo" or self.dg_dpo.mode != "dg-dpo":
+            raise ValueError("RunConfig: dpo must be mode 'dpo' and dg_dpo mode 'dg-dpo'")
+        if self.features.num_frames < self.captioner.num_frames:
+            raise ValueError(f"RunConfig: the captioner wants {self.captioner.num_frames} frames, "
+                             f"features have {self.features.num_frames}")
+
+    def retriever_config(self, name: str) -> RetrieverTrainConfig:
+        variant, pooling = RETRIEVERS[name]
+        model = replace(self.retriever.model.with_variant(variant), video_pooling=pooling,
+                        num_frames=self.features.num_frames)
+        return replace(self.retriever, model=model, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _smoke(seed: int) -> RunConfig:
+    return RunConfig(
+        preset="smoke", seed=seed,
+        data=TwinClipsConfig.preset("smoke", seed=seed),
+        features=FeatureConfig(num_frames=4, size=64, batch_size=32),
+        captioner=CaptionerConfig(lm="tiny", num_frames=4, projector_hidden=64, lora_layers=-1, lora_rank=4,
+                                  seed=seed),
+        sft=SFTConfig(steps=30, videos_per_step=6, captions_per_video=2, warmup_steps=2, val_every=0,
+                      save_every=0, lr_lora=3e-3, lr_projector=3e-3, seed=seed),
+        train_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=12, seed=seed),
+        test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=12, seed=seed),
+        retriever=retriever_preset("smoke", epochs=4),
+        prefs=PrefsConfig(num_samples=3, max_new_tokens=12, seed=seed),
+        dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-3, epochs=1, checkpoint_every=1000, seed=seed),
+        dpo=DPOConfig.for_mode("dpo", lr=1e-3, epochs=1, checkpoint_every=1000, seed=seed),
+    )
+
+
+def _default(seed: int) -> RunConfig:
+    return RunConfig(
+        preset="default", seed=seed,
+        data=TwinClipsConfig.preset("default", seed=seed),
+        features=FeatureConfig(num_frames=8, size=128),
+        captioner=CaptionerConfig(lm="smollm2", num_frames=8, seed=seed),
+        sft=SFTConfig(seed=seed),
+        train_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=32, seed=seed),
+        test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=32, seed=seed),
+        retriever=retriever_preset("default"),
+        prefs=PrefsConfig(num_samples=4, seed=seed),
+        dg_dpo=DPOConfig.for_mode("dg-dpo", seed=seed),
+        dpo=DPOConfig.for_mode("dpo", seed=seed),
+    )
+
+
+PRESETS: dict[str, Callable[[int], RunConfig]] = {"smoke": _smoke, "default": _default}
+
+
+def run_config(preset: str, seed: int = 0) -> RunConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[preset](seed)

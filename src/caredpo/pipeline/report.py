@@ -1,0 +1,148 @@
+"""Evaluate every caption arm of a finished run and report it: table, JSON, plots, examples.
+
+results["arms"][arm][retriever] = {"t2v": {...}, "v2t": {...}, "twin_acc": ...}
+  arm        in CAPTION_ARMS (no_caption, sft, dpo, dg_dpo, reference)
+  retriever  in ARM_RETRIEVERS[arm] (role / no_role; *_seq = video_pooling "sequence")
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from ..io import read_json, write_json
+from ..records import Dataset
+from .presets import CAPTION_ARMS
+
+# caption arm -> the retrievers it is evaluated with (the no-caption arm has its own retrievers)
+ARM_RETRIEVERS: dict[str, tuple[str, ...]] = {
+    "no_caption": ("no_caption", "no_caption_seq"),
+    "sft": ("role", "no_role"),
+    "dpo": ("role", "no_role"),
+    "dg_dpo": ("role", "no_role", "role_seq"),
+    "reference": ("role", "no_role"),
+}
+RESULTS = "results.json"
+
+
+def arm_captions(run: Path, arm: str, dataset: Dataset, seed: int,
+                 queries: Mapping[str, list[str]] | None = None) -> dict[str, str | None] | None:
+    """video id -> the auxiliary caption this arm gives each test video (None: no caption)."""
+    from ..captioner.generate import load_captions
+    from ..retrieval.score import reference_captions
+
+    if arm == "no_caption":
+        return None
+    if arm == "reference":  # oracle: a reference sentence that is not the query
+        return reference_captions(dataset, "test", seed=seed, queries=queries)
+    return {v: caps[0] for v, caps in load_captions(run / "captions" / f"{arm}_test.jsonl").items()}
+
+
+def evaluate_run(run: str | Path, dataset: Dataset, store, queries: Mapping[str, list[str]] | None = None,
+                 out_name: str = RESULTS) -> dict:
+    """Metrics of every (arm, retriever) pair; writes run/<out_name> (merging earlier metadata)."""
+    from ..retrieval.model import Retriever
+    from ..retrieval.score import Scorer, evaluate
+
+    run = Path(run)
+    seed = read_json(run / "run.json").get("seed", 0) if (run / "run.json").exists() else 0
+    scorers: dict[str, Scorer] = {}  # one per retriever: its query vectors are cached across arms
+    arms: dict[str, dict] = {}
+    for arm in CAPTION_ARMS:
+        captions = arm_captions(run, arm, dataset, seed, queries)
+        arms[arm] = {}
+        for name in ARM_RETRIEVERS[arm]:
+            if name not in scorers:
+                scorers[name] = Scorer(Retriever.from_pretrained(run / "retriever" / name / "model").eval())
+            arms[arm][name] = evaluate(scorers[name].model, dataset, store, captions, "test", queries,
+                                       scorer=scorers[name])
+    path = run / out_name
+    old = read_json(path) if path.exists() else {}
+    results = {**old, "arms": arms, "queries": "custom" if queries else "built-in"}
+    write_json(path, results)
+    return arms
+
+
+def table_rows(arms: Mapping[str, Mapping[str, dict]]) -> list[list[str]]:
+    rows = []
+    for arm, by_retriever in arms.items():
+        for name, m in by_retriever.items():
+            t, v = m["t2v"], m["v2t"]
+            rows.append([arm, name, f"{t['R1']:.1f}", f"{t['R5']:.1f}", f"{t['R10']:.1f}", f"{t['MdR']:.0f}",
+                         f"{t['MnR']:.1f}", f"{v['R1']:.1f}", f"{m['twin_acc']:.1f}"])
+    return rows
+
+
+def print_table(arms: Mapping[str, Mapping[str, dict]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("captions", "retriever", "t2v R@1", "R@5", "R@10", "MdR", "MnR", "v2t R@1", "twin acc %"):
+        table.add_column(col, justify="left" if col in ("captions", "retriever") else "right")
+    for row in table_rows(arms):
+        table.add_row(*row)
+    Console(width=max(Console().width, 110)).print(table)  # stdout: the results are the output
+
+
+def plot_r1(arms: Mapping[str, Mapping[str, dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{a}\n{r}" for a, rs in arms.items() for r in rs]
+    values = [m["t2v"]["R1"] for rs in arms.values() for m in rs.values()]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), 4))
+    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("text-to-video R@1 (%)")
+    ax.set_title("R@1 per caption arm and retriever (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_dpo_curves(run: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..dpo.train import metrics_rows
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for arm in ("dpo", "dg_dpo"):
+        rows = metrics_rows(run / "captioner" / arm) if (run / "captioner" / arm).exists() else []
+        steps = [r["step"] for r in rows]
+        ax_loss.plot(steps, [r["loss"] for r in rows], label=arm)
+        ax_acc.plot(steps, [r["reward_acc"] for r in rows], label=arm)
+    ax_loss.set(xlabel="step", ylabel="loss", title="DPO training loss")
+    ax_acc.set(xlabel="step", ylabel="reward accuracy", title="implicit-reward accuracy")
+    ax_loss.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_caption_examples(run: Path, dataset: Dataset, path: Path, n_groups: int = 3) -> None:
+    """captions.md: for whole twin groups of test clips, the factors and every arm's caption."""
+    seed = read_json(run / "run.json").get("seed", 0) if (run / "run.json").exists() else 0
+    caps = {arm: arm_captions(run, arm, dataset, seed) for arm in ("sft", "dpo", "dg_dpo", "reference")}
+    groups: dict[str, list] = {}
+    for v in dataset.split("test"):
+        groups.setdefault(v.group or v.id, []).append(v)
+    lines = ["# Caption examples per arm (test clips, whole twin groups)", ""]
+    for gid, videos in list(groups.items())[:n_groups]:
+        lines += [f"## twin group {gid}", ""]
+        for v in videos:
+            lines.append(f"**{v.id}** — factors: `{_factor_line(v.factors)}`  ")
+            lines.append(f"query: _{dataset.queries_of(v.id)[0]}_  ")
+            for arm, by_id in caps.items():
+                lines.append(f"- {arm}: {by_id.get(v.id) if by_id else None}")
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _factor_line(factors: Mapping) -> str:
+    keep = ("size", "colour", "shape", "background", "motion", "speed", "event_order")
+    return ", ".join(f"{k}={factors[k]}" for k in keep if k in factors) or str(dict(factors))[:200]

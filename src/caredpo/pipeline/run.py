@@ -1,0 +1,125 @@
+"""`caredpo run`: every stage in order, each skipped when its marker says it finished.
+
+A stage's marker is run/stages/<name>.json ({seconds, peak_rss_mb, ...}); an interrupted stage has
+no marker and resumes from its own partial outputs on the next run. Every line of progress also goes
+to run/run.log.
+"""
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from ..io import read_json, write_json
+from .presets import run_config
+from .stages import STAGES, RunContext
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "av", "faiss-cpu", "caredpo")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and its finished children (Linux: ru_maxrss in KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024
+
+
+class RunLog:
+    """Timestamped lines to run.log and to the console (stderr)."""
+
+    def __init__(self, path: Path):
+        from ..progress import console
+
+        self.path, self.console, self.t0 = path, console(), time.perf_counter()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.perf_counter() - self.t0:7.1f}s] {message}"
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        self.console.print(line, highlight=False)
+
+
+def run_pipeline(preset: str, seed: int, out: str | Path, only: list[str] | None = None) -> dict:
+    """Run (or finish) the whole experiment in `out`; returns results.json's content."""
+    from .report import RESULTS, plot_dpo_curves, plot_r1, print_table, write_caption_examples
+
+    config = run_config(preset, seed)
+    out = Path(out)
+    _check_same_config(out, config)
+    log = RunLog(out / "run.log")
+    ctx = RunContext(out=out, config=config, log=log)
+    log(f"caredpo run: preset={preset} seed={seed} out={out}")
+    for i, (name, stage) in enumerate(STAGES.items(), 1):
+        if only and name not in only:
+            continue
+        _run_stage(ctx, i, name, stage)
+    results = read_json(out / RESULTS)
+    results["meta"] = _metadata(out, config)
+    write_json(out / RESULTS, results)
+    plot_r1(results["arms"], out / "r1_per_arm.png")
+    plot_dpo_curves(out, out / "dpo_curves.png")
+    write_caption_examples(out, ctx.dataset, out / "captions.md")
+    print_table(results["arms"], f"CaRe-DPO on TwinClips ({preset}, seed {seed}) — test split")
+    log(f"done: {out / RESULTS}, plots and captions.md written")
+    return results
+
+
+def _run_stage(ctx: RunContext, i: int, name: str, stage) -> None:
+    marker = ctx.out / "stages" / f"{name}.json"
+    if marker.exists():
+        ctx.log(f"stage {i}/{len(STAGES)} {name}: done earlier, skipped")
+        return
+    ctx.log(f"stage {i}/{len(STAGES)} {name}: start")
+    t0 = time.perf_counter()
+    info = stage(ctx)
+    seconds = round(time.perf_counter() - t0, 1)
+    write_json(marker, {"seconds": seconds, "peak_rss_mb": round(peak_rss_mb()), **info})
+    ctx.log(f"stage {i}/{len(STAGES)} {name}: finished in {seconds:.1f} s")
+
+
+def _check_same_config(out: Path, config) -> None:
+    """A run folder belongs to one configuration: resuming with another would mix results."""
+    from ..records import DataError
+
+    path = out / "run.json"
+    if path.exists():
+        old = read_json(path)
+        if old.get("config") != _jsonable(config.to_dict()):
+            raise DataError(f"{path}: this run folder was made with another preset/seed/config; "
+                            "use a new --out folder")
+        return
+    write_json(path, {"preset": config.preset, "seed": config.seed, "config": config.to_dict()})
+
+
+def _jsonable(obj):
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+def _metadata(out: Path, config) -> dict:
+    stages = {p.stem: read_json(p) for p in sorted((out / "stages").glob("*.json"))}
+    return {
+        "preset": config.preset, "seed": config.seed,
+        "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
+        "total_stage_seconds": round(sum(v["seconds"] for v in stages.values()), 1),
+        "peak_rss_mb": max([round(peak_rss_mb())] + [v.get("peak_rss_mb", 0) for v in stages.values()]),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "python": platform.python_version(), "machine": f"{platform.machine()}, {_cpus()} CPUs",
+    }
+
+
+def _version(pkg: str) -> str:
+    try:
+        return version(pkg)
+    except Exception:  # not installed: say so rather than fail the report
+        return "not installed"
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
