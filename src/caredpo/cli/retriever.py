@@ -62,8 +62,9 @@ def _train_config(make_preset, preset: str, variant: str, pooling: str, seed: in
 
 
 def evaluate_cmd(
-    model: Path = typer.Option(..., "--model", help="Retriever folder (save_pretrained output, e.g. RUN/model)."),
-    data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Retriever folder (save_pretrained output, e.g. RUN/model)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Data folder (any supported layout)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="A finished `caredpo run` folder: re-evaluate every arm."),
     features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
     split: str = typer.Option("test", "--split"),
     captions: Optional[str] = typer.Option(None, "--captions",
@@ -82,6 +83,10 @@ def evaluate_cmd(
     from ..retrieval.train import first_captions, load_caption_pool, read_queries
 
     _threads(threads)
+    if run is not None:
+        return _evaluate_run(run, queries, out)
+    if model is None or data is None:
+        raise typer.BadParameter("give --run RUN_DIR, or both --model and --data")
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"{model}: no retriever here (expected config.json from save_pretrained)")
     dataset, store = _load(data, features)
@@ -94,6 +99,21 @@ def evaluate_cmd(
     if out:
         write_json(out, result)
         typer.echo(str(out))
+
+
+def _evaluate_run(run: Path, queries: Optional[Path], out: Optional[Path]) -> None:
+    """Every caption arm x retriever of a finished run, on the built-in or the user's queries."""
+    from ..pipeline.report import evaluate_run, print_table
+    from ..retrieval.train import read_queries
+
+    if not (run / "stages" / "test_captions.json").exists():
+        raise FileNotFoundError(f"{run}: not a finished caredpo run (no stages/test_captions.json)")
+    dataset, store = _load(run / "data", None)
+    q = read_queries(queries) if queries else None
+    path = out or run / ("results_queries.json" if queries else "results.json")
+    arms = evaluate_run(run, dataset, store, q, out_path=path)
+    print_table(arms, f"{run} — {'queries from ' + str(queries) if queries else 'built-in queries'}")
+    typer.echo(str(path))
 
 
 def _captions(arg, dataset, split, seed, queries, load_pool, first, reference):

@@ -38,8 +38,9 @@ def arm_captions(run: Path, arm: str, dataset: Dataset, seed: int,
 
 
 def evaluate_run(run: str | Path, dataset: Dataset, store, queries: Mapping[str, list[str]] | None = None,
-                 out_name: str = RESULTS) -> dict:
-    """Metrics of every (arm, retriever) pair; writes run/<out_name> (merging earlier metadata)."""
+                 out_path: str | Path | None = None) -> dict:
+    """Metrics of every (arm, retriever) pair; writes out_path (default run/results.json), keeping
+    the other keys (run metadata) of a file already there."""
     from ..retrieval.model import Retriever
     from ..retrieval.score import Scorer, evaluate
 
@@ -55,7 +56,7 @@ def evaluate_run(run: str | Path, dataset: Dataset, store, queries: Mapping[str,
                 scorers[name] = Scorer(Retriever.from_pretrained(run / "retriever" / name / "model").eval())
             arms[arm][name] = evaluate(scorers[name].model, dataset, store, captions, "test", queries,
                                        scorer=scorers[name])
-    path = run / out_name
+    path = Path(out_path) if out_path else run / RESULTS
     old = read_json(path) if path.exists() else {}
     results = {**old, "arms": arms, "queries": "custom" if queries else "built-in"}
     write_json(path, results)

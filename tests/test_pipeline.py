@@ -1,0 +1,80 @@
+"""`caredpo run --preset smoke` end to end: the results file's structure and ranges, the outputs a
+person reads, and that a second run reuses every finished stage."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from caredpo.cli import main
+from caredpo.pipeline.presets import CAPTION_ARMS
+from caredpo.pipeline.report import ARM_RETRIEVERS
+from caredpo.pipeline.stages import STAGES
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "smoke"
+    assert main(["run", "--preset", "smoke", "--seed", "0", "--out", str(out)]) == 0
+    return out
+
+
+def _check_metrics(m: dict) -> None:
+    for direction in ("t2v", "v2t"):
+        d = m[direction]
+        for k in ("R1", "R5", "R10"):
+            assert 0.0 <= d[k] <= 100.0 and math.isfinite(d[k])
+        assert d["R1"] <= d["R5"] <= d["R10"]
+        assert 1.0 <= d["MdR"] <= m["n_videos"] and 1.0 <= d["MnR"] <= m["n_videos"]
+    assert 0.0 <= m["twin_acc"] <= 100.0
+
+
+def test_results_structure_and_ranges(smoke_run):
+    results = json.loads((smoke_run / "results.json").read_text())
+    assert set(results["arms"]) == set(CAPTION_ARMS)
+    for arm, by_retriever in results["arms"].items():
+        assert set(by_retriever) == set(ARM_RETRIEVERS[arm])
+        for m in by_retriever.values():
+            _check_metrics(m)
+            assert m["n_videos"] == 12 and m["n_queries"] == 12  # 3 test twin groups, one query each
+    assert results["arms"]["no_caption"]["no_caption"]["captioned"] == 0
+    assert results["arms"]["reference"]["role"]["caption_equals_query"] == 0  # the oracle never leaks
+    meta = results["meta"]
+    assert meta["preset"] == "smoke" and meta["seed"] == 0
+    assert set(meta["stage_seconds"]) == set(STAGES) and meta["peak_rss_mb"] > 0
+
+
+def test_outputs_for_people(smoke_run):
+    for name in ("r1_per_arm.png", "dpo_curves.png"):
+        assert (smoke_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (smoke_run / "captions.md").read_text()
+    assert "factors:" in md and "- dg_dpo:" in md and "- reference:" in md
+    assert "stage 10/10 evaluate: finished" in (smoke_run / "run.log").read_text()
+
+
+def test_second_run_reuses_every_stage(smoke_run, capsys):
+    markers = {p: p.stat().st_mtime_ns for p in (smoke_run / "stages").glob("*.json")}
+    assert main(["run", "--preset", "smoke", "--seed", "0", "--out", str(smoke_run)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
+    assert "no_caption" in capsys.readouterr().out  # the table is printed again
+
+
+def test_other_config_in_same_folder_is_refused(smoke_run, capsys):
+    assert main(["run", "--preset", "smoke", "--seed", "1", "--out", str(smoke_run)]) == 2
+    assert "another preset/seed/config" in capsys.readouterr().err
+
+
+def test_eval_run_on_user_queries(smoke_run, tmp_path):
+    annotations = json.loads((smoke_run / "data" / "annotations.json").read_text())
+    test_ids = [v["video_id"] for v in annotations["videos"] if v["split"] == "test"]
+    queries = tmp_path / "q.json"
+    queries.write_text(json.dumps({v: ["a shape moves over the ground", "something changes"] for v in test_ids[:6]}))
+    out = tmp_path / "custom.json"
+    assert main(["eval", "--run", str(smoke_run), "--queries", str(queries), "--out", str(out)]) == 0
+    arms = json.loads(out.read_text())["arms"]
+    assert set(arms) == set(CAPTION_ARMS)
+    for by_retriever in arms.values():
+        for m in by_retriever.values():
+            _check_metrics(m)
+            assert m["n_queries"] == 12 and m["n_videos"] == 12  # 6 videos x 2 queries; all 12 compete
