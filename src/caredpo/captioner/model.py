@@ -1,0 +1,401 @@
+"""Our video captioner: frozen grid features -> MLP projector -> visual tokens -> LM (+ LoRA).
+
+Sequence seen by the LM (ChatML for SmolLM2):
+
+    <|im_start|>user\\n [V visual tokens] \\nDescribe the video in one sentence.<|im_end|>\\n
+    <|im_start|>assistant\\n  caption tokens  <|im_end|>
+
+The part before the caption (the *prefix*, P = head + V + tail tokens) is the same for every
+caption of a video, so both `generate` and `logprob` run it once per distinct video and reuse its
+KV cache for all captions of that video (n samples, or the K candidates of a DPO group). The LM head
+(576 x 49152 for SmolLM2) is applied only at positions that predict a caption token.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..io import write_json
+from .lm import load_lm
+
+FORMAT = "caredpo-captioner-v1"
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Text around the visual tokens: (head, tail) with {prompt} filled in.
+CHAT_FORMATS = {
+    "chatml": ("<|im_start|>user\n", "\n{prompt}<|im_end|>\n<|im_start|>assistant\n"),
+    "plain": ("", "\n{prompt}\n"),
+}
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    lm: str = "smollm2"  # "smollm2" (converted from the wheel's GGUF), "tiny" (tests) or a local HF folder
+    cache_dir: str | None = None  # where the converted SmolLM2 lives (None: $CAREDPO_CACHE or ~/.cache/caredpo)
+    feature_dim: int = 1280  # C of the grid features [B, T, G, C]
+    num_frames: int = 8  # T used; more frames in the input are subsampled evenly
+    grid_cells: int = 4  # G: spatial cells per frame (2x2); visual tokens = num_frames * grid_cells
+    temporal_delta: bool = True  # also feed x - mean_t(x): makes motion direction linearly visible
+    projector_hidden: int = 1024  # hidden width of the 2-layer MLP projector
+    lora_layers: int = 8  # LoRA on the top k decoder layers; -1 = all layers, 0 = no LoRA
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LLAMA_TARGETS  # module names inside a decoder layer
+    prompt: str = "Describe the video in one sentence."
+    chat_format: str = "chatml"  # key of CHAT_FORMATS
+    seed: int = 0  # init of the projector (and of the tiny LM)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        for name in ("feature_dim", "num_frames", "grid_cells", "projector_hidden", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CaptionerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_layers < -1:
+            raise ValueError(f"CaptionerConfig.lora_layers must be -1 (all), 0 (none) or k > 0, got {self.lora_layers}")
+        if self.chat_format not in CHAT_FORMATS:
+            raise ValueError(f"CaptionerConfig.chat_format must be one of {sorted(CHAT_FORMATS)}, got {self.chat_format!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"CaptionerConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.num_frames * self.grid_cells
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CaptionerConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class Projector(nn.Module):
+    """[B, T, G, C] grid features -> [B, T*G, d] visual token embeddings (2-layer MLP)."""
+
+    def __init__(self, cfg: CaptionerConfig, d_model: int, target_rms: float):
+        super().__init__()
+        self.temporal_delta = cfg.temporal_delta
+        in_dim = cfg.feature_dim * (2 if cfg.temporal_delta else 1)
+        self.gain = nn.Parameter(torch.ones(in_dim))  # like a LayerNorm gain, learns the delta's weight
+        self.fc1 = nn.Linear(in_dim, cfg.projector_hidden)
+        self.fc2 = nn.Linear(cfg.projector_hidden, d_model)
+        self.pos = nn.Parameter(0.02 * torch.randn(cfg.num_visual_tokens, d_model))  # (frame, cell)
+        self._match_scale(in_dim, target_rms)
+
+    @torch.no_grad()
+    def _match_scale(self, in_dim: int, target_rms: float) -> None:
+        """Start with visual tokens as loud as word embeddings (RMS), so the LM is not swamped."""
+        x = torch.randn(256, in_dim)
+        out = self.fc2(nn.functional.gelu(self.fc1(x)))
+        self.fc2.weight.mul_(target_rms / out.pow(2).mean().sqrt().clamp_min(1e-8))
+        self.fc2.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, G, C = x.shape
+        # RMS over channels of each cell; the delta is scaled by the same number, keeping its
+        # relative size (a still clip's delta stays ~0 instead of being blown up to unit noise).
+        scale = x.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+        parts = [x * scale]
+        if self.temporal_delta:
+            parts.append((x - x.mean(1, keepdim=True)) * scale)
+        h = torch.cat(parts, -1) * self.gain
+        out = self.fc2(nn.functional.gelu(self.fc1(h)))  # [B, T, G, d]
+        return out.reshape(B, T * G, -1) + self.pos
+
+
+class VideoCaptioner(nn.Module):
+    """Implements `caredpo.captioner.base.Captioner` (generate / logprob) on grid features."""
+
+    def __init__(self, config: CaptionerConfig = CaptionerConfig(), lm=None, tokenizer=None):
+        super().__init__()
+        self.config = config
+        if lm is None:
+            lm, tokenizer = load_lm(config.lm, config.cache_dir, seed=config.seed)
+        self.tokenizer = tokenizer
+        lm.requires_grad_(False)
+        self.lm = _add_lora(lm, config)
+        base = self.base_lm
+        self.decoder, self.lm_head = base.get_decoder(), base.get_output_embeddings()
+        self.embed = base.get_input_embeddings()
+        rms = self.embed.weight.detach().pow(2).mean().sqrt().item()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.projector = Projector(config, self.embed.embedding_dim, rms)
+        head, tail = CHAT_FORMATS[config.chat_format]
+        self.register_buffer("head_ids", self._ids(head), persistent=False)
+        self.register_buffer("tail_ids", self._ids(tail.format(prompt=config.prompt)), persistent=False)
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def _ids(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+    @property
+    def base_lm(self):
+        """The causal LM (with LoRA layers injected when there are any)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector.fc1.weight.device
+
+    # ------------------------------------------------------------ trainable parts
+
+    def set_trainable(self, projector: bool = True, lora: bool = True) -> None:
+        """LM base weights always stay frozen; choose whether projector and LoRA train."""
+        self.projector.requires_grad_(projector)
+        for name, p in self.lm.named_parameters():
+            p.requires_grad_(lora and "lora_" in name)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------ prefix
+
+    def _frames(self, features: torch.Tensor) -> torch.Tensor:
+        """Check shape, subsample frames evenly to num_frames, move to the model's device."""
+        cfg = self.config
+        if features.dim() != 4 or features.shape[2:] != (cfg.grid_cells, cfg.feature_dim):
+            raise ValueError(f"features must be [B, T, {cfg.grid_cells}, {cfg.feature_dim}], got {tuple(features.shape)}")
+        T = features.shape[1]
+        if T < cfg.num_frames:
+            raise ValueError(f"features have {T} frames, the captioner needs {cfg.num_frames}")
+        if T > cfg.num_frames:
+            features = features[:, torch.linspace(0, T - 1, cfg.num_frames).round().long()]
+        return features.to(self.device, torch.float32)
+
+    def prefix_embeds(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, T, G, C] -> [B, P, d]: head text, visual tokens, tail text (prompt)."""
+        vis = self.projector(self._frames(features))
+        B = vis.shape[0]
+        head = self.embed(self.head_ids).expand(B, -1, -1)
+        tail = self.embed(self.tail_ids).expand(B, -1, -1)
+        return torch.cat([head, vis.to(head.dtype), tail], 1)
+
+    def prefill(self, features: torch.Tensor):
+        """Run the prefix once: (hidden state at its last position [B, d], KV cache)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.base_lm.config)
+        out = self.decoder(inputs_embeds=self.prefix_embeds(features), cache=cache, use_cache=True)
+        return out.last_hidden_state[:, -1], cache
+
+    # ------------------------------------------------------------ log-probs
+
+    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption token ids + EOS, right-padded: ids [N, L] and mask [N, L] (bool)."""
+        rows = [self.tokenizer(c, add_special_tokens=False).input_ids + [self.eos_id] for c in captions]
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+        return ids.to(self.device), mask.to(self.device)
+
+    def token_logprobs(self, features: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of each caption token (EOS included) given video + prompt: ([N, L], mask [N, L]).
+
+        Rows with identical features share one prefix pass. Right padding needs no attention
+        mask: with causal attention a real token never sees the pads after it."""
+        if features.shape[0] != len(captions):
+            raise ValueError(f"{features.shape[0]} videos but {len(captions)} captions")
+        ids, mask = self.encode_captions(captions)
+        uniq, inv = _dedupe_rows(features)
+        last, cache = self.prefill(uniq)
+        if uniq.shape[0] != features.shape[0] or not torch.equal(inv, torch.arange(len(inv))):
+            cache.batch_select_indices(inv.to(self.device))
+            last = last[inv.to(self.device)]
+        hidden = last[:, None]  # position P-1 predicts caption token 0
+        if ids.shape[1] > 1:  # caption tokens 0..L-2 predict tokens 1..L-1
+            out = self.decoder(inputs_embeds=self.embed(ids[:, :-1]), cache=cache, use_cache=True)
+            hidden = torch.cat([hidden, out.last_hidden_state], 1)
+        logits = self.lm_head(hidden[mask]).float()  # [M, V]: only real caption positions
+        lp = logits.log_softmax(-1).gather(1, ids[mask][:, None])[:, 0]
+        full = torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device)
+        full[mask] = lp
+        return full, mask
+
+    def logprob(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Summed log p(caption + EOS | video, prompt) -> [B]. Differentiable."""
+        lp, _ = self.token_logprobs(features, captions)
+        return lp.sum(1)
+
+    def nll(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Mean next-token loss over all caption tokens of the batch (the SFT loss)."""
+        lp, mask = self.token_logprobs(features, captions)
+        return -lp.sum() / mask.sum()
+
+    # ------------------------------------------------------------ sampling
+
+    @torch.inference_mode()
+    def generate(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 32, seed: int | None = None) -> list[list[str]]:
+        """n captions per video; temperature 0 = greedy. One prefix pass per video, its KV cache
+        repeated n times; finished rows leave the batch. Same seed -> same captions."""
+        B = features.shape[0]
+        tokens = self.generate_ids(features, n, temperature, top_p, max_new_tokens, seed)
+        texts = [self._decode(row) for row in tokens.tolist()]
+        return [texts[i * n:(i + 1) * n] for i in range(B)]
+
+    @torch.inference_mode()
+    def generate_ids(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                     max_new_tokens: int = 32, seed: int | None = None) -> torch.Tensor:
+        """Token ids [B * n, max_new_tokens] (rows of a video adjacent; EOS-filled after the end)."""
+        if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError("need n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+        gen = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        h, cache = self.prefill(features)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            h = h.repeat_interleave(n, 0)
+        return sample_loop(self, h, cache, features.shape[0] * n, temperature, top_p, max_new_tokens, gen)
+
+    def _decode(self, row: list[int]) -> str:
+        if self.eos_id in row:
+            row = row[: row.index(self.eos_id)]
+        return self.tokenizer.decode(row, skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------ save / load
+
+    def save_pretrained(self, path: str | Path, save_base: bool | None = None) -> Path:
+        """config.json + projector.safetensors + adapter/ (peft); the tiny LM's base weights too
+        (`lm/`), since they are random. Written to a temp folder and renamed into place."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            write_json(tmp / "config.json", {"format": FORMAT, "captioner": asdict(self.config)})
+            state = {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
+            save_file(state, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
+            if self.config.lora_layers != 0:
+                self.lm.save_pretrained(tmp / "adapter")
+            if save_base if save_base is not None else self.config.lm == "tiny":
+                self.base_lm.save_pretrained(tmp / "lm", state_dict=self._base_state())
+                self.tokenizer.save_pretrained(tmp / "lm")
+            _replace_dir(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def _base_state(self) -> dict:
+        """Base LM weights under plain HF names (LoRA wrappers stripped, adapters dropped)."""
+        out = {}
+        for k, v in self.base_lm.state_dict().items():
+            if "lora_" in k:
+                continue
+            out[k.replace(".base_layer.", ".")] = v
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, lm: str | None = None, device: str | torch.device = "cpu"):
+        """Load a saved captioner; `lm` overrides where the base LM comes from."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from ..io import read_json
+        from ..records import DataError
+
+        path = Path(path)
+        if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+            path = path / "model"  # an SFT / DPO run folder
+        meta = read_json(path / "config.json")
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{path / 'config.json'}: not a caredpo captioner (format {meta.get('format')!r})")
+        cfg = CaptionerConfig.from_dict(meta["captioner"])
+        base, tok = None, None
+        if lm is None and (path / "lm" / "config.json").exists():
+            base, tok = load_lm(str(path / "lm"))
+        elif lm is not None:
+            base, tok = load_lm(lm, cfg.cache_dir, seed=cfg.seed)
+        model = cls(cfg, base, tok)
+        model.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+        if cfg.lora_layers != 0:
+            res = set_peft_model_state_dict(model.lm, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+            if getattr(res, "unexpected_keys", None):
+                raise DataError(f"{path / 'adapter'}: adapter does not fit the model ({res.unexpected_keys[:3]} ...)")
+        return model.to(device)
+
+
+def _add_lora(lm, cfg: CaptionerConfig):
+    if cfg.lora_layers == 0:
+        return lm
+    from peft import LoraConfig, get_peft_model
+
+    n_layers = lm.config.num_hidden_layers
+    k = n_layers if cfg.lora_layers == -1 else min(cfg.lora_layers, n_layers)
+    lora = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets), layers_to_transform=list(range(n_layers - k, n_layers)),
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(lm, lora)
+
+
+def _dedupe_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows of x (first occurrence order) and, for each row, the index of its distinct row."""
+    flat = x.reshape(x.shape[0], -1)
+    _, inv = torch.unique(flat, dim=0, return_inverse=True)
+    first = {}
+    order = [first.setdefault(int(g), i) for i, g in enumerate(inv.tolist())]
+    keep = sorted(set(order))
+    remap = {r: j for j, r in enumerate(keep)}
+    return x[keep], torch.tensor([remap[o] for o in order], dtype=torch.long)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place, replacing an older one (rename is atomic per folder)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.rename(dst, old)
+    os.rename(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- sampling internals
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF with uniforms u [R] (greedy when temperature == 0).
+
+    Using one uniform per row per step (drawn for the full batch) keeps a row's sample fixed by
+    the seed, whatever the other rows do."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)  # nucleus; top-1 always kept
+    cdf = probs.cumsum(-1)
+    idx = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp_max(probs.shape[-1] - 1)
+    return idx if order is None else order.gather(1, idx[:, None])[:, 0]
+
+
+def sample_loop(model: VideoCaptioner, h: torch.Tensor, cache, rows: int, temperature: float, top_p: float,
+                max_new_tokens: int, gen: torch.Generator | None) -> torch.Tensor:
+    """Decode from prefix hidden states h [R, d] and their cache -> token ids [R, max_new_tokens]."""
+    tokens = torch.full((rows, max_new_tokens), model.eos_id, dtype=torch.long, device=h.device)
+    active = torch.arange(rows, device=h.device)
+    for step in range(max_new_tokens):
+        u = torch.rand(rows, generator=gen, device=h.device)[active]
+        nxt = pick_tokens(model.lm_head(h), temperature, top_p, u)
+        tokens[active, step] = nxt
+        keep = nxt != model.eos_id
+        if step == max_new_tokens - 1 or not keep.any():
+            break
+        if not keep.all():  # finished rows leave the batch and its cache
+            active, nxt = active[keep], nxt[keep]
+            cache.batch_select_indices(keep.nonzero()[:, 0])
+        out = model.decoder(inputs_embeds=model.embed(nxt[:, None]), cache=cache, use_cache=True)
+        h = out.last_hidden_state[:, -1]
+    return tokens

@@ -1,0 +1,283 @@
+"""Captioner: log-probs, sampling, SFT, save/load, caption files — all on the tiny random Llama."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from caredpo.captioner.base import Captioner
+from caredpo.captioner.generate import (SamplingConfig, direction_correct, generate_captions, load_captions,
+                                        stated_directions)
+from caredpo.captioner.model import CaptionerConfig, VideoCaptioner, pick_tokens
+from caredpo.captioner.sft import SFTConfig, batch_at, train_sft
+from caredpo.io import read_jsonl
+from caredpo.records import DataError, Dataset, Sentence, Video
+
+TINY = CaptionerConfig(lm="tiny", projector_hidden=32, lora_layers=-1, lora_rank=4)
+CAPS = ["a red circle moves from left to right", "a blue square", "x",
+        "a small green star slides down over the sand and turns yellow halfway"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def feats(b: int, seed: int = 0, t: int = 8) -> torch.Tensor:
+    return torch.randn(b, t, 4, 1280, generator=torch.Generator().manual_seed(seed)).abs()
+
+
+@pytest.fixture(scope="module")
+def model() -> VideoCaptioner:
+    m = VideoCaptioner(TINY)
+    with torch.no_grad():  # LoRA B starts at zero: give it values so the adapter path is exercised
+        for n, p in m.lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return m.eval()
+
+
+class FakeStore:
+    """What `FeatureStore` offers the captioner: ids, membership, grid_feats."""
+
+    def __init__(self, ids: list[str], seed: int = 0):
+        self.ids = list(ids)
+        self._f = dict(zip(ids, feats(len(ids), seed)))
+
+    def __contains__(self, vid: str) -> bool:
+        return vid in self._f
+
+    def grid_feats(self, ids) -> torch.Tensor:
+        return torch.stack([self._f[i] for i in ids])
+
+
+def tiny_dataset(n_clips: int = 4) -> Dataset:
+    words = ["red", "blue", "green", "yellow"]
+    videos = [Video(f"v{i}", f"v{i}.mp4", "train", group=f"g{i}") for i in range(n_clips)]
+    sentences = [Sentence(f"v{i}", f"a {words[i % 4]} circle moves {d}") for i in range(n_clips) for d in ("up", "down")]
+    return Dataset(root=".", videos=videos, sentences=sentences)
+
+
+def reference_logprob(m: VideoCaptioner, f: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """One plain forward pass of prefix + caption through the LM, full logits, summed by hand."""
+    out = []
+    for i, c in enumerate(captions):
+        ids = m.tokenizer(c, add_special_tokens=False).input_ids + [m.eos_id]
+        pre = m.prefix_embeds(f[i:i + 1])
+        emb = torch.cat([pre, m.embed(torch.tensor([ids]))], 1)
+        logp = m.lm(inputs_embeds=emb).logits[0].log_softmax(-1)
+        P = pre.shape[1]
+        out.append(sum(logp[P - 1 + j, tok] for j, tok in enumerate(ids)))
+    return torch.stack(out)
+
+
+def test_is_a_captioner(model):
+    assert isinstance(model, Captioner)
+
+
+def test_logprob_equals_plain_forward_sum(model):
+    f = feats(4)
+    with torch.no_grad():
+        got, ref = model.logprob(f, CAPS), reference_logprob(model, f, CAPS)
+    assert got.shape == (4,)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+    assert (got < 0).all()
+
+
+def test_padding_and_batch_mates_do_not_change_logprob(model):
+    f = feats(4)
+    with torch.no_grad():
+        alone = torch.cat([model.logprob(f[i:i + 1], [c]) for i, c in enumerate(CAPS)])
+        batched = model.logprob(f, CAPS)  # "x" is padded to the longest caption
+        repeated = model.logprob(torch.cat([f, f[:2]]), CAPS + CAPS[:2])  # shared prefixes
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(repeated[4:], alone[:2], atol=1e-4, rtol=1e-5)
+
+
+def test_logprob_is_differentiable_wrt_trainable_parts(model):
+    model.set_trainable(projector=True, lora=True)
+    model.zero_grad()
+    model.logprob(feats(2), CAPS[:2]).sum().backward()
+    assert model.projector.fc1.weight.grad.abs().sum() > 0
+    lora_grads = [p.grad for n, p in model.lm.named_parameters() if "lora_A" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    assert all(p.grad is None for n, p in model.lm.named_parameters() if "lora_" not in n)
+    model.zero_grad()
+
+
+def test_generation_reproducible_under_seed(model):
+    f = feats(3)
+    a = model.generate(f, n=4, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7)
+    b = model.generate(f, n=4, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7)
+    c = model.generate(f, n=4, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=8)
+    assert a == b
+    assert a != c
+    assert len(a) == 3 and all(len(x) == 4 for x in a)
+
+
+def test_greedy_matches_hf_generate(model):
+    """Our loop (shared prefix cache, finished rows dropped) = HF generate on the same embeddings."""
+    f = feats(2, seed=3)
+    ours = model.generate(f, n=1, temperature=0, max_new_tokens=10)
+    with torch.no_grad():
+        pre = model.prefix_embeds(f)
+        out = model.base_lm.generate(inputs_embeds=pre, attention_mask=torch.ones(pre.shape[:2], dtype=torch.long),
+                                     do_sample=False, max_new_tokens=10, eos_token_id=model.eos_id,
+                                     pad_token_id=model.pad_id)
+    hf = [model._decode(row) for row in out.tolist()]
+    assert [x[0] for x in ours] == hf
+
+
+def test_pick_tokens_inverse_cdf_and_nucleus():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
+    pick = lambda u, p: int(pick_tokens(logits, 1.0, p, torch.tensor([u])))  # noqa: E731
+    assert [pick(u, 1.0) for u in (0.1, 0.3, 0.69, 0.71, 0.99)] == [0, 1, 1, 2, 2]
+    assert {pick(u / 20, 0.6) for u in range(20)} == {1, 2}  # nucleus 0.6 keeps 0.5 and 0.3
+    assert int(pick_tokens(logits, 0.0, 1.0, torch.tensor([0.0]))) == 1  # greedy
+
+
+def test_feature_shape_checked_and_frames_subsampled(model):
+    with pytest.raises(ValueError, match="features must be"):
+        model.logprob(torch.zeros(1, 8, 4, 7), ["a"])
+    with pytest.raises(ValueError, match="frames"):
+        model.logprob(torch.zeros(1, 4, 4, 1280), ["a"])
+    f16 = feats(1, t=16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logprob(f16, ["a"]), model.logprob(f16[:, [0, 2, 4, 6, 9, 11, 13, 15]], ["a"]))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="chat_format"):
+        CaptionerConfig(chat_format="nope")
+    with pytest.raises(ValueError, match="lora_layers"):
+        CaptionerConfig(lora_layers=-3)
+    with pytest.raises(ValueError, match="nothing to train"):
+        SFTConfig(train_projector=False, train_lora=False)
+
+
+def test_save_load_roundtrip(model, tmp_path):
+    model.save_pretrained(tmp_path / "cap")
+    again = VideoCaptioner.from_pretrained(tmp_path / "cap").eval()
+    f = feats(2)
+    with torch.no_grad():
+        torch.testing.assert_close(again.logprob(f, CAPS[:2]), model.logprob(f, CAPS[:2]))
+    assert (tmp_path / "cap" / "adapter" / "adapter_model.safetensors").exists()
+    with pytest.raises(DataError):
+        (tmp_path / "bad").mkdir()
+        (tmp_path / "bad" / "config.json").write_text('{"format": "other"}')
+        VideoCaptioner.from_pretrained(tmp_path / "bad")
+
+
+def test_batch_plan_covers_all_sentences():
+    ds = tiny_dataset(4)
+    sents = {v.id: ds.sentences_of(v.id) for v in ds.videos}
+    cfg = SFTConfig(videos_per_step=2, captions_per_video=1)
+    seen = set()
+    for step in range(4):  # 2 steps an epoch, 1 of 2 sentences a video per epoch
+        vids, caps = batch_at(step, list(sents), sents, cfg)
+        assert batch_at(step, list(sents), sents, cfg) == (vids, caps)
+        seen.update(zip(vids, caps))
+    assert seen == {(v, s) for v, ss in sents.items() for s in ss}
+
+
+def test_sft_overfits_a_handful_of_clips(tmp_path):
+    ds, store = tiny_dataset(4), FakeStore([f"v{i}" for i in range(4)])
+    model = VideoCaptioner(TINY)
+    base0 = {n: p.detach().clone() for n, p in model.lm.named_parameters() if "lora_" not in n}
+    lora0 = {n: p.detach().clone() for n, p in model.lm.named_parameters() if "lora_" in n}
+    proj0 = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
+    cfg = SFTConfig(steps=60, videos_per_step=4, captions_per_video=2, lr_projector=1e-2, lr_lora=1e-2,
+                    warmup_steps=2, val_fraction=0.0, save_every=0)
+    result = train_sft(model, ds, store, tmp_path / "run", cfg, show_progress=False, log=lambda s: None)
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "sft_log.jsonl")]
+    assert len(losses) == 60 and result["steps_done"] == 60
+    assert losses[-1] < 0.1 * losses[0] and losses[-1] < 1.0
+    assert all(torch.equal(p, base0[n]) for n, p in model.lm.named_parameters() if "lora_" not in n)
+    assert all(not torch.equal(p, lora0[n]) for n, p in model.lm.named_parameters() if "lora_B" in n)
+    assert all(not torch.equal(p, proj0[n]) for n, p in model.projector.named_parameters())
+    loaded = VideoCaptioner.from_pretrained(tmp_path / "run")  # the run folder resolves to run/model
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logprob(store.grid_feats(["v0"]), ["a red circle moves up"]),
+                                   model.eval().logprob(store.grid_feats(["v0"]), ["a red circle moves up"]))
+
+
+def test_sft_resume_continues_exactly(tmp_path, monkeypatch):
+    import caredpo.captioner.sft as sft
+
+    ds, store = tiny_dataset(4), FakeStore([f"v{i}" for i in range(4)])
+    cfg = SFTConfig(steps=8, videos_per_step=2, captions_per_video=2, save_every=3, val_fraction=0.0)
+    full = VideoCaptioner(TINY)
+    train_sft(full, ds, store, tmp_path / "a", cfg, show_progress=False, log=lambda s: None)
+
+    real, calls = sft.train_step, []
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(VideoCaptioner(TINY), ds, store, tmp_path / "b", cfg, show_progress=False, log=lambda s: None)
+    monkeypatch.setattr(sft, "train_step", real)
+    resumed = VideoCaptioner(TINY)
+    train_sft(resumed, ds, store, tmp_path / "b", cfg, resume=True, show_progress=False, log=lambda s: None)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "sft_log.jsonl")]
+    assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # step 4 was logged, then redone after the step-3 checkpoint
+    for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+
+
+def test_generate_file_resumes_without_duplicates(model, tmp_path, monkeypatch):
+    ids = [f"v{i}" for i in range(5)]
+    store = FakeStore(ids)
+    s = SamplingConfig(n=2, temperature=1.0, max_new_tokens=6, seed=1, batch_videos=2)
+    whole = load_captions(generate_captions(model, store, ids, tmp_path / "a.jsonl", s, show_progress=False))
+
+    real, calls = model.generate, []
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "generate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        generate_captions(model, store, ids, tmp_path / "b.jsonl", s, show_progress=False)
+    monkeypatch.setattr(model, "generate", real)
+    generate_captions(model, store, ids, tmp_path / "b.jsonl", s, show_progress=False)
+    rows = list(read_jsonl(tmp_path / "b.jsonl"))
+    assert [r["video_id"] for r in rows] == ids
+    assert {r["video_id"]: r["captions"] for r in rows} == whole
+    assert rows[0]["sampling"]["temperature"] == 1.0 and all(len(r["captions"]) == 2 for r in rows)
+    with pytest.raises(DataError, match="other sampling settings"):
+        generate_captions(model, store, ids, tmp_path / "b.jsonl", SamplingConfig(n=1), show_progress=False)
+
+
+@pytest.mark.parametrize("caption, motion, ok", [
+    ("a red circle slides from left to right over the grass", "left-to-right", True),
+    ("a red circle moves from right to left over the grass", "left-to-right", False),
+    ("a blue star slides to the left and sees a ring leave to the right", "right-to-left", True),
+    ("a blue star shares the scene with a ring that leaves to the right", "left-to-right", False),
+    ("a square goes around counterclockwise", "anticlockwise", True),
+    ("a square moves in a counterclockwise circle", "clockwise", False),
+    ("a square circles clockwise", "clockwise", True),
+    ("a ring rises and then turns green", "up", True),
+    ("a ring moves diagonally up to the left", "up-left", True),
+    ("a ring moves diagonally up to the left", "up", False),
+    ("a ring moves diagonally across the sand", "down-right", False),
+    ("a ring on sand", "down", False),
+    ("a ring stays in one place while a star enters from the left", "still", True),
+])
+def test_direction_check(caption, motion, ok):
+    assert direction_correct(caption, {"motion": motion}) is ok
+
+
+def test_direction_check_without_motion_factor():
+    assert direction_correct("anything", {}) is None
+    assert stated_directions("It moves from right to left, then rises!") == {"right-to-left", "up"}
