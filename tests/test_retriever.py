@@ -119,9 +119,50 @@ def test_mean_pooling_is_blind_to_frame_order_and_sequence_is_not():
             seq.encode_candidates(torch.randn(1, T + 1, F))
 
 
+def test_video_span_is_framed_by_cls_and_sep_at_word_scale():
+    # A bare video token as the whole input left the MiniLM video arm at chance loss; the span is
+    # framed like a BERT sentence and its video tokens enter at the RMS of a word embedding.
+    for pooling, n in (("mean", 1), ("sequence", T)):
+        model = Retriever(tiny_cfg(video_pooling=pooling, role_embeddings=False)).eval()
+        words = model.encoder.embeddings.word_embeddings
+        with torch.no_grad():
+            span = model._video_span(torch.randn(2, T, F) * 5 + 3)
+            assert span.shape == (2, n + 2, model.hidden_size)
+            assert torch.equal(span[:, 0], words.weight[model.tokenizer.cls_token_id].expand(2, -1))
+            assert torch.equal(span[:, -1], words.weight[model.tokenizer.sep_token_id].expand(2, -1))
+            rms = model._project(torch.randn(2, T, F) * 5 + 3).pow(2).mean(-1).sqrt()
+            assert torch.allclose(rms, words.weight.pow(2).mean().sqrt().expand_as(rms), rtol=1e-3)
+
+
+def test_caption_joins_the_video_span_without_its_own_cls():
+    model = Retriever(tiny_cfg()).eval()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]),
+                                            with_kwargs=True)
+    ids = model.tokenizer(["a red circle"])["input_ids"][0]  # [CLS] ... [SEP]
+    with torch.no_grad():
+        model.encode_candidates(torch.randn(1, T, F), ["a red circle"])
+    assert seen == [1 + 1 + 1 + len(ids) - 1]  # [CLS] video [SEP] + caption tokens and [SEP]
+
+
+def test_video_shortcut_starts_at_zero_and_gets_gradient():
+    on = Retriever(tiny_cfg(video_shortcut=True)).eval()
+    off = Retriever(tiny_cfg(video_shortcut=False), copy.deepcopy(on.encoder), on.tokenizer).eval()
+    _, unexpected = off.load_state_dict(on.state_dict(), strict=False)
+    assert sorted(unexpected) == ["shortcut.bias", "shortcut.weight", "shortcut_norm.bias", "shortcut_norm.weight"]
+    feats, caps = torch.randn(3, T, F), ["a red circle", None, "a ball"]
+    with torch.no_grad():
+        assert torch.allclose(on.encode_candidates(feats, caps), off.encode_candidates(feats, caps), atol=1e-6)
+    q, c, scale = on.train()(["a red circle", "a ball", "a cube"], feats, caps)
+    info_nce(q, c, scale).backward()
+    assert on.shortcut.weight.grad.abs().sum() > 0 and on.video_proj.weight.grad.abs().sum() > 0
+
+
 def test_save_and_load_round_trip(tmp_path, tiny):
     with torch.no_grad():
         tiny.role.weight.normal_()
+        tiny.shortcut.weight.normal_()  # zero at init: perturb so the round trip checks it
+        tiny.video_scale.fill_(0.5)  # a buffer: must come back from the file, not the random encoder
     tiny.save_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["text_encoder"] == "tiny" and cfg["role_embeddings"] is True

@@ -5,7 +5,9 @@ Bad input surfaces as one line on stderr and exit code 2, never a traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 import typer
 
@@ -36,6 +38,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (DataError, VideoError, FileNotFo
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code. Usage errors and --help are handled by typer
     (standalone mode, which exits); user-fixable data errors print one line and return 2."""
+    _quiet_libraries()
     try:
         app(args=argv, prog_name="caredpo")
     except SystemExit as e:
@@ -44,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _quiet_libraries() -> None:
+    """Offline, and our own progress bars only: set before transformers is first imported."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # peft asks a transformers API that transformers 5 renamed; harmless, and not the user's concern
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def run_cli() -> None:

@@ -53,7 +53,7 @@ class PrefsConfig:
     max_new_tokens: int = 32  # longest sampled caption, in tokens
     reward: str = "contrastive"  # key of REWARDS
     num_neighbours: int = 3  # hard negatives per video where the data set has no twin groups
-    max_videos: int = 0  # use only the first N training videos, whole twin groups (0: all)
+    max_videos: int = 0  # use only the first training videos, whole twin groups, at most N (0: all)
     seed: int = 0  # group g samples with seed * 1_000_003 + crc32(g): stable under resume
 
     def __post_init__(self) -> None:
@@ -100,7 +100,7 @@ def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str |
 
     out = Path(out_dir)
     path = out / GROUPS_FILE
-    vids = _train_videos(dataset, config)
+    vids = preference_videos(dataset, config)
     negatives = hard_negatives(dataset, vids, lambda ids: scorer.candidates(store.global_feats(ids)),
                                config.num_neighbours)
     missing = sorted({u for v in vids for u in negatives[v]} - set(greedy))
@@ -119,13 +119,19 @@ def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str |
     return path
 
 
-def _train_videos(dataset: Dataset, config: PrefsConfig) -> list[str]:
+def preference_videos(dataset: Dataset, config: PrefsConfig) -> list[str]:
+    """Training videos of the stage: all, or the first whole twin groups up to max_videos."""
     vids = [v.id for v in dataset.split("train")]
     if not vids:
         raise DataError(f"{dataset.root}: no training videos for the preference stage")
-    if config.max_videos and len(vids) > config.max_videos:
-        vids = vids[: config.max_videos]
-    return vids
+    if not config.max_videos or len(vids) <= config.max_videos:
+        return vids
+    keep: list[str] = []
+    for unit in _units(dataset, vids):
+        if len(keep) + len(unit) > config.max_videos:
+            break
+        keep += unit
+    return keep or vids[: config.max_videos]
 
 
 @torch.no_grad()

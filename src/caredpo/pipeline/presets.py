@@ -83,18 +83,21 @@ def _smoke(seed: int) -> RunConfig:
 
 
 def _default(seed: int) -> RunConfig:
+    # Sized for the 15-minute goal on 2 CPU cores: SFT on 16 captions a step (8 videos x 2), the
+    # preference stage and both DPO arms on the first 40 training twin groups (160 clips).
     return RunConfig(
         preset="default", seed=seed,
         data=TwinClipsConfig.preset("default", seed=seed),
         features=FeatureConfig(num_frames=8, size=128),
         captioner=CaptionerConfig(lm="smollm2", num_frames=8, seed=seed),
-        sft=SFTConfig(seed=seed),
-        train_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=32, seed=seed),
-        test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=32, seed=seed),
+        sft=SFTConfig(steps=100, videos_per_step=8, captions_per_video=2, lr_projector=2e-3, lr_lora=1e-3,
+                      val_every=50, val_videos=16, save_every=25, seed=seed),
+        train_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=24, seed=seed),
+        test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=24, seed=seed),
         retriever=retriever_preset("default"),
-        prefs=PrefsConfig(num_samples=4, seed=seed),
-        dg_dpo=DPOConfig.for_mode("dg-dpo", seed=seed),
-        dpo=DPOConfig.for_mode("dpo", seed=seed),
+        prefs=PrefsConfig(num_samples=4, max_new_tokens=24, max_videos=160, seed=seed),
+        dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-4, seed=seed),
+        dpo=DPOConfig.for_mode("dpo", lr=1e-4, seed=seed),
     )
 
 

@@ -56,6 +56,9 @@ def run_pipeline(preset: str, seed: int, out: str | Path, only: list[str] | None
         if only and name not in only:
             continue
         _run_stage(ctx, i, name, stage)
+    if not (out / "stages" / "evaluate.json").exists():
+        log("evaluation has not run yet (--only): no results table")
+        return {}
     results = read_json(out / RESULTS)
     results["meta"] = _metadata(out, config)
     write_json(out / RESULTS, results)

@@ -89,9 +89,13 @@ def stage_sft(ctx: RunContext) -> dict:
 
 
 def stage_train_captions(ctx: RunContext) -> dict:
+    """Greedy SFT captions of the preference stage's videos: the twins carry them in the reward,
+    and the retrievers draw auxiliary captions from them."""
     from ..captioner.generate import generate_captions
+    from ..dpo.prefs import preference_videos
 
-    ids = ctx.ids("train")
+    have = set(ctx.store.ids)
+    ids = [v for v in preference_videos(ctx.dataset, ctx.config.prefs) if v in have]
     generate_captions(ctx.captioner("sft"), ctx.store, ids, ctx.captions_file("sft", "train"),
                       ctx.config.train_captions)
     return {"videos": len(ids)}

@@ -1,14 +1,23 @@
 """The retriever: one shared text encoder (all-MiniLM-L6-v2) reading video tokens + captions.
 
-    candidate = [video tokens] + [auxiliary-caption tokens]    query = [query tokens]
+    candidate = [CLS] [video tokens] [SEP] [caption tokens] [SEP]    query = [CLS] [query tokens] [SEP]
 
-Video tokens come from per-frame global features [B, T, 1280], LayerNorm'd and projected to the
-encoder width; `video_pooling="mean"` gives one token (mean over frames, CLIP4Clip meanP, blind to
-order), `"sequence"` one token per frame plus learned temporal position embeddings (seqTransf).
+The candidate is framed like a BERT sentence pair. Without the [CLS]/[SEP] frame (a bare video token
+as the whole input, the first version) the pretrained encoder maps every lone token to nearly the
+same output and the video arm never left chance loss; framed, the same frozen encoder learns from
+it at once (see the retrieval notes in the report / tests).
+Video tokens come from per-frame global features [B, T, 1280]: LayerNorm(feature) -> Linear ->
+LayerNorm without affine, times the RMS of the encoder's word embeddings, so a video token enters
+at the scale of a word (raw projections were ~13x larger). `video_pooling="mean"` gives one token
+(mean over frames, CLIP4Clip meanP, blind to order), `"sequence"` one token per frame plus learned
+temporal position embeddings (seqTransf). `video_shortcut` adds Linear(LayerNorm(frame mean)) to
+the pooled candidate vector (zero-initialised, so step 0 equals the model without it): a direct,
+well-conditioned path from video to the embedding that learns within a few steps.
 Role embeddings: a (video, caption, query) -> hidden table, zero-initialised, added to the input
-embeddings of each span before the encoder's own position embeddings and LayerNorm, so at step 0
-the model equals the same model without roles. Output: mean pool over the mask, L2 norm;
-similarity = cosine; training logits = exp(log_scale) * cosine (learned temperature).
+embeddings of each span ([CLS] [video] [SEP] count as video) before the encoder's own position
+embeddings and LayerNorm, so at step 0 the model equals the same model without roles.
+Output: mean pool over the mask, L2 norm; similarity = cosine; training logits =
+exp(log_scale) * cosine (learned temperature).
 """
 from __future__ import annotations
 
@@ -47,6 +56,7 @@ class RetrieverConfig:
     max_caption_tokens: int = 32  # tokenizer truncation (incl. [CLS]/[SEP]) for captions
     max_query_tokens: int = 32  # same for queries
     train_layers: int = 2  # top encoder layers that train; -1 = whole encoder incl. embeddings
+    video_shortcut: bool = True  # add Linear(LN(frame-mean feature)) to the pooled candidate vector
     init_temperature: float = 0.05  # softmax temperature at init (learned as a log scale)
     seed: int = 0  # init of the random parts (projection, tiny encoder)
 
@@ -121,8 +131,17 @@ class Retriever(nn.Module):
         self.video_norm = nn.LayerNorm(cfg.feature_dim)
         self.video_proj = nn.Linear(cfg.feature_dim, hidden)
         with torch.no_grad():
-            self.video_proj.weight.normal_(0, 0.02, generator=g)
+            self.video_proj.weight.normal_(0, cfg.feature_dim ** -0.5, generator=g)
             self.video_proj.bias.zero_()
+        # RMS of one word embedding: the scale video tokens are given (a buffer: saved with the model,
+        # so from_pretrained, which builds a random encoder first, restores the trained value).
+        rms = encoder.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt()
+        self.register_buffer("video_scale", rms.reshape(()).clone())
+        if cfg.video_shortcut:
+            self.shortcut_norm = nn.LayerNorm(cfg.feature_dim)
+            self.shortcut = nn.Linear(cfg.feature_dim, hidden)
+            nn.init.zeros_(self.shortcut.weight)
+            nn.init.zeros_(self.shortcut.bias)
         if cfg.video_pooling == "sequence":
             self.frame_pos = nn.Parameter(torch.randn(cfg.num_frames, hidden, generator=g) * 0.02)
         if cfg.role_embeddings:
@@ -157,22 +176,49 @@ class Retriever(nn.Module):
     def _role(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return x + self.role.weight[ROLES[name]] if self.config.role_embeddings else x
 
+    def _special(self, token_id: int, batch: int) -> torch.Tensor:
+        """[B, 1, H] word embedding of one special token ([CLS] / [SEP])."""
+        ids = torch.full((batch, 1), token_id, dtype=torch.long, device=self.log_scale.device)
+        return self.encoder.embeddings.word_embeddings(ids)
+
+    def _project(self, feats: torch.Tensor) -> torch.Tensor:
+        """[..., F] -> [..., H] at word-embedding scale."""
+        x = self.video_proj(self.video_norm(feats))
+        return F.layer_norm(x, x.shape[-1:]) * self.video_scale
+
     def video_tokens(self, feats: torch.Tensor) -> torch.Tensor:
         """[B, T, F] frame features -> [B, 1, H] (mean) or [B, T, H] (sequence)."""
         feats = feats.to(self.log_scale.device, torch.float32)
         if self.config.video_pooling == "mean":
-            return self.video_proj(self.video_norm(feats.mean(dim=1, keepdim=True)))
+            return self._project(feats.mean(dim=1, keepdim=True))
         t = feats.shape[1]
         if t > self.config.num_frames:
             raise ValueError(f"{t} frames given; the model was built for at most {self.config.num_frames}")
-        return self.video_proj(self.video_norm(feats)) + self.frame_pos[:t]
+        return self._project(feats) + self.frame_pos[:t]
+
+    def _video_span(self, feats: torch.Tensor) -> torch.Tensor:
+        """[CLS] [video tokens] [SEP] with the video role: [B, 1 + V + 1, H]."""
+        vid = self.video_tokens(feats)
+        b, tok = vid.shape[0], self.tokenizer
+        span = torch.cat([self._special(tok.cls_token_id, b), vid, self._special(tok.sep_token_id, b)], 1)
+        return self._role(span, "video")
+
+    def _pool(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder over input embeddings, mean pool over the mask: [B, H] (not normalised)."""
+        out = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(out.dtype)
+        return (out * m).sum(1) / m.sum(1).clamp_min(1e-6)
 
     def _encode(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encoder over input embeddings, mean pool over the mask, L2 norm: [B, H]."""
-        out = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(out.dtype)
-        pooled = (out * m).sum(1) / m.sum(1).clamp_min(1e-6)
-        return F.normalize(pooled, dim=-1)
+        return F.normalize(self._pool(embeds, mask), dim=-1)
+
+    def _shortcut(self, feats: torch.Tensor) -> torch.Tensor | float:
+        """[B, H] direct projection of the frame-mean feature (0 when the option is off)."""
+        if not self.config.video_shortcut:
+            return 0.0
+        mean = feats.to(self.log_scale.device, torch.float32).mean(dim=1)
+        return self.shortcut(self.shortcut_norm(mean))
 
     # ---- encoders ---------------------------------------------------------------------------
     def encode_queries(self, texts: list[str]) -> torch.Tensor:
@@ -185,16 +231,18 @@ class Retriever(nn.Module):
         A None caption (or a model without captions) leaves only the video tokens: its caption
         positions are masked out, so mixing captioned and uncaptioned videos in a batch is exact.
         """
-        vid = self._role(self.video_tokens(feats), "video")
+        vid = self._video_span(feats)
         vmask = torch.ones(vid.shape[:2], dtype=torch.long, device=vid.device)
         if not self.config.use_caption or captions is None or all(c is None for c in captions):
-            return self._encode(vid, vmask)
+            return F.normalize(self._pool(vid, vmask) + self._shortcut(feats), dim=-1)
         if len(captions) != vid.shape[0]:
             raise ValueError(f"{len(captions)} captions for {vid.shape[0]} videos")
         emb, cmask = self._tokens([c or "" for c in captions], self.config.max_caption_tokens)
+        emb, cmask = emb[:, 1:], cmask[:, 1:]  # drop the caption's [CLS]: the pair shares the video's
         present = torch.tensor([c is not None for c in captions], device=cmask.device)
         cmask = cmask * present[:, None].long()
-        return self._encode(torch.cat([vid, self._role(emb, "caption")], 1), torch.cat([vmask, cmask], 1))
+        pooled = self._pool(torch.cat([vid, self._role(emb, "caption")], 1), torch.cat([vmask, cmask], 1))
+        return F.normalize(pooled + self._shortcut(feats), dim=-1)
 
     def forward(self, queries: list[str], feats: torch.Tensor, captions: list[str | None] | None = None):
         """(query vectors [B, H], candidate vectors [B, H], logit scale) for a training batch."""

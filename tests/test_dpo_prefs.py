@@ -1,0 +1,128 @@
+"""The preference stage: reward maths by hand, rows the trainer accepts, resume without duplicates."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from caredpo.dpo.prefs import GROUPS_FILE, PrefsConfig, _contrastive, build_preferences, hard_negatives
+from caredpo.dpo.train import load_groups
+from caredpo.records import Dataset, DataError, Sentence, Video
+
+WORDS = ["left", "right", "up", "down", "red", "blue", "circle", "square"]
+
+
+class WordScorer:
+    """S(q, c) = number of query words in the caption (the video part is ignored)."""
+
+    model = SimpleNamespace(logit_scale=lambda: torch.tensor(2.0))
+
+    def similarity(self, queries, feats, captions):
+        return torch.tensor([[float(len(set(q.split()) & set(c.split()))) for c in captions] for q in queries])
+
+    def candidates(self, feats):
+        return feats.flatten(1)
+
+
+class ListCaptioner:
+    """Samples phrases from WORDS with the given seed; log p = -(words + 1) - mean feature."""
+
+    def generate(self, features, n=1, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=None):
+        g = torch.Generator().manual_seed(seed)
+        pick = lambda: " ".join(WORDS[i] for i in torch.randint(len(WORDS), (3,), generator=g).tolist())
+        return [[pick() for _ in range(n)] for _ in range(features.shape[0])]
+
+    def logprob(self, features, captions):
+        return torch.tensor([-(len(c.split()) + 1.0) for c in captions]) - features.flatten(1).mean(1)
+
+    def encode_captions(self, captions):
+        mask = torch.tensor([[1] * (len(c.split()) + 1) + [0] * (9 - len(c.split())) for c in captions]).bool()
+        return None, mask
+
+
+class Store:
+    def __init__(self, ids):
+        torch.manual_seed(0)
+        self.table = {v: torch.randn(2, 4, 3) for v in ids}
+        self.ids = list(ids)
+
+    def grid_feats(self, ids):
+        return torch.stack([self.table[v] for v in ids])
+
+    def global_feats(self, ids):
+        return self.grid_feats(ids).mean(2)
+
+
+def dataset(groups=3, grouped=True) -> Dataset:
+    videos, sents = [], []
+    for g in range(groups):
+        for i, word in enumerate(["left", "right", "up", "down"]):
+            vid = f"v{g}{i}"
+            videos.append(Video(vid, f"{vid}.mp4", "train", f"g{g}" if grouped else None))
+            sents += [Sentence(vid, f"a red circle moves {word}"), Sentence(vid, "a red circle")]
+    return Dataset("/nowhere", videos, sents)
+
+
+def test_contrastive_reward_by_hand():
+    # 2 queries, K = 2 captions of v, then M = 1 twin.
+    sim = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    expected = [
+        (2 - math.log(math.exp(2) + math.exp(1)) + 1 - math.log(math.exp(1) + math.exp(0))) / 2,
+        (0 - math.log(math.exp(0) + math.exp(1)) + 1 - math.log(math.exp(1) + math.exp(0))) / 2,
+    ]
+    assert torch.allclose(_contrastive(sim, 2), torch.tensor(expected))
+
+
+@pytest.fixture
+def built(tmp_path):
+    ds = dataset()
+    store = Store([v.id for v in ds.videos])
+    greedy = {v.id: "a red circle" for v in ds.videos}
+    path = build_preferences(ListCaptioner(), WordScorer(), ds, store, tmp_path / "p", greedy, PrefsConfig(num_samples=4))
+    return ds, store, greedy, path
+
+
+def test_rows_are_what_the_trainer_needs(built):
+    ds, store, _, path = built
+    rows = load_groups(path)  # validates every field
+    assert [r["video_id"] for r in rows] == [v.id for v in ds.videos]
+    cap = ListCaptioner()
+    for r in rows:
+        assert r["negatives"] == ds.twins_of(r["video_id"]) and len(r["ref_cross_logps"]) == 3
+        assert r["rewards"][r["best"]] == max(r["rewards"])
+        feats = store.grid_feats([r["video_id"]] * 4)
+        assert r["ref_logps"] == pytest.approx(cap.logprob(feats, r["captions"]).tolist())
+        assert r["lengths"] == [len(c.split()) + 1 for c in r["captions"]]
+    best = rows[0]["captions"][rows[0]["best"]]
+    # The best caption shares at least as many words with v's sentences as any other sample.
+    overlap = lambda c: sum(len(set(s.split()) & set(c.split())) for s in ds.sentences_of(rows[0]["video_id"]))
+    assert overlap(best) == max(overlap(c) for c in rows[0]["captions"])
+
+
+def test_resume_after_a_partial_file_repeats_and_loses_nothing(built, tmp_path):
+    ds, store, greedy, path = built
+    full = path.read_text()
+    lines = full.splitlines(keepends=True)
+    part = tmp_path / "q" / GROUPS_FILE
+    part.parent.mkdir()
+    part.write_text("".join(lines[:5]) + lines[5][:10])  # a killed writer: 5 rows and a torn line
+    build_preferences(ListCaptioner(), WordScorer(), ds, store, part.parent, greedy, PrefsConfig(num_samples=4))
+    assert part.read_text() == full
+
+
+def test_missing_greedy_caption_of_a_twin_is_a_clear_error(tmp_path):
+    ds = dataset(groups=1)
+    store = Store([v.id for v in ds.videos])
+    with pytest.raises(DataError, match="no greedy caption"):
+        build_preferences(ListCaptioner(), WordScorer(), ds, store, tmp_path, {"v00": "x"}, PrefsConfig())
+
+
+def test_without_groups_neighbours_come_from_the_embedding():
+    ds = dataset(groups=2, grouped=False)
+    ids = [v.id for v in ds.videos]
+    emb = torch.eye(len(ids))
+    emb[1] = emb[0] + 0.1 * emb[1]  # v01 is v00's nearest neighbour
+    negs = hard_negatives(ds, ids, lambda vs: emb[[ids.index(v) for v in vs]], k=2)
+    assert negs["v00"][0] == "v01" and len(negs["v00"]) == 2 and "v00" not in negs["v00"]
