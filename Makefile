@@ -33,8 +33,13 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
+# Benchmarks print tables comparing against their peers (see README, "Benchmarks").
+BENCH_DATA ?= runs/$(PRESET)-s$(SEED)/data
 bench: setup
-	$(PY) benchmarks/decode_features.py
+	$(PY) benchmarks/decode_features.py --data $(BENCH_DATA)
+	$(PY) benchmarks/retrieval_search.py
+	$(PY) benchmarks/captioner_speed.py
+	$(PY) benchmarks/dpo_vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -314,3 +314,20 @@ def test_smoke_twinclips_end_to_end(tmp_path):
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r]
     assert len(losses) == 12 and all(l == l for l in losses)  # 6 groups / 2 per batch x 4 epochs, no NaN
     assert metrics["n_videos"] == len(ds.split("test")) and metrics["caption_equals_query"] == 0
+
+
+def test_reference_captions_prefer_specific_sentences_and_never_the_query():
+    from caredpo.records import Dataset, Sentence, Video
+    from caredpo.retrieval.score import reference_captions
+
+    videos = [Video("a", "a.mp4", "test"), Video("b", "b.mp4", "test"), Video("c", "c.mp4", "test")]
+    sents = [Sentence("a", "a red circle", "generic"), Sentence("a", "a red circle slides left", "specific"),
+             Sentence("a", "a red circle slides left and turns blue", "specific"),
+             Sentence("b", "a blue square", "generic"), Sentence("b", "a blue square falls", "specific"),
+             Sentence("c", "a green star", "generic")]
+    ds = Dataset("/x", videos, sents, queries={"a": ["a red circle slides left"], "c": ["a green star"]})
+    for seed in range(5):
+        caps = reference_captions(ds, "test", seed=seed)
+        assert caps["a"] == "a red circle slides left and turns blue"  # the only specific non-query
+        assert caps["b"] == "a blue square falls"
+        assert caps["c"] is None  # its only sentence is its query: no caption rather than a leak

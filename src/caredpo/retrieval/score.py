@@ -103,15 +103,18 @@ def reference_captions(dataset: Dataset, split: str = "test", seed: int = 0,
                        queries: Mapping[str, list[str]] | None = None) -> dict[str, str | None]:
     """Oracle auxiliary captions: per video one of its reference sentences that is NOT a query.
 
-    Drawn with a seeded RNG (mixed specificity, like training). A video with no other sentence
-    gets None (no caption) rather than leaking its query.
+    The oracle is what a discriminative captioner would write, so it draws (seeded) among the
+    video's *specific* sentences where the data set marks specificity, else among all of them.
+    A video with no other sentence gets None (no caption) rather than leaking its query.
     """
     rng = random.Random(seed)
+    specific = {(s.video_id, s.text) for s in dataset.sentences if s.specificity == "specific"}
     out: dict[str, str | None] = {}
     for v in dataset.split(split):
         banned = set(queries.get(v.id, []) if queries is not None else dataset.queries_of(v.id))
         pool = [s for s in dataset.sentences_of(v.id) if s not in banned]
-        out[v.id] = rng.choice(pool) if pool else None
+        best = [s for s in pool if (v.id, s) in specific]
+        out[v.id] = rng.choice(best or pool) if pool else None
     return out
 
 
