@@ -325,7 +325,8 @@ def test_reference_captions_prefer_specific_sentences_and_never_the_query():
              Sentence("a", "a red circle slides left and turns blue", "specific"),
              Sentence("b", "a blue square", "generic"), Sentence("b", "a blue square falls", "specific"),
              Sentence("c", "a green star", "generic")]
-    ds = Dataset("/x", videos, sents, queries={"a": ["a red circle slides left"], "c": ["a green star"]})
+    ds = Dataset("/x", videos, sents, queries={"a": ["a red circle slides left"], "b": ["a blue square"],
+                                           "c": ["a green star"]})
     for seed in range(5):
         caps = reference_captions(ds, "test", seed=seed)
         assert caps["a"] == "a red circle slides left and turns blue"  # the only specific non-query
