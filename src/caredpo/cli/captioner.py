@@ -9,14 +9,6 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="The video captioner: supervised fine-tuning and caption generation.")
 
-# preset -> (CaptionerConfig overrides, SFTConfig overrides)
-PRESETS: dict[str, tuple[dict, dict]] = {
-    "default": ({}, {}),
-    "smoke": ({"lm": "tiny", "projector_hidden": 64, "lora_layers": -1, "lora_rank": 4},
-              {"steps": 20, "videos_per_step": 4, "val_every": 0, "save_every": 10}),
-}
-
-
 @app.command("sft")
 def sft(
     data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
@@ -94,14 +86,14 @@ def generate(
 
 
 def _configs(preset: str, model_kw: dict, sft_kw: dict):
-    from ..captioner.model import CaptionerConfig
-    from ..captioner.sft import SFTConfig
+    """The preset's captioner and SFT configs (those `caredpo run` uses), with the given overrides."""
+    from dataclasses import replace
 
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    base_model, base_sft = PRESETS[preset]
+    from ..pipeline.presets import run_config
+
     try:
-        return CaptionerConfig(**{**base_model, **model_kw}), SFTConfig(**{**base_sft, **sft_kw})
+        base = run_config(preset)
+        return replace(base.captioner, **model_kw), replace(base.sft, **sft_kw)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 

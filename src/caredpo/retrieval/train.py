@@ -219,7 +219,7 @@ def train_retriever(cfg: RetrieverTrainConfig, dataset: Dataset, features: Globa
     if eval_captions is None and cfg.model.use_caption:
         eval_captions = reference_captions(dataset, cfg.eval_split, seed=cfg.seed)
     emit = log or (lambda s: None)
-    emit(f"retriever {cfg.model.variant}: {len(ids)} videos, {len(groups)} groups, {total} steps"
+    emit(f"retriever {cfg.model.variant} ({cfg.model.video_pooling} pooling): {len(ids)} videos, {len(groups)} groups, {total} steps"
          + (f", resuming at step {step}" if step else ""))
     metrics = _loop(cfg, model, opt, dataset, features, feats, groups, caption_pool, eval_captions,
                     step, total, per_epoch, out, emit, progress)
