@@ -140,17 +140,19 @@ def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, conf
     seed = config.seed * 1_000_003 + zlib.crc32((dataset.by_id[unit[0]].group or unit[0]).encode())
     samples = captioner.generate(grid, n=config.num_samples, temperature=config.temperature,
                                  top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=seed)
-    rows = []
-    for i, v in enumerate(unit):
-        caps, negs = samples[i], negatives[v]
-        rewards = _rewards(scorer, dataset, store, v, caps, negs, greedy, config)
-        best = int(torch.argmax(rewards))
-        ref = captioner.logprob(grid[i : i + 1].expand(len(caps), *grid.shape[1:]), caps)
-        cross = captioner.logprob(store.grid_feats(negs), [caps[best]] * len(negs)) if negs else torch.zeros(0)
-        rows.append({"video_id": v, "group": dataset.by_id[v].group, "captions": caps,
-                     "rewards": rewards.tolist(), "ref_logps": ref.tolist(), "best": best,
-                     "negatives": negs, "ref_cross_logps": cross.tolist(), "lengths": _lengths(captioner, caps)})
-    return rows
+    rewards = [_rewards(scorer, dataset, store, v, samples[i], negatives[v], greedy, config)
+               for i, v in enumerate(unit)]
+    best = [int(torch.argmax(r)) for r in rewards]
+    # One log-prob pass for the unit: each sample under its own video, then each video's best
+    # caption under each of its twins. Rows share a prefix pass per distinct video.
+    vids = [v for i, v in enumerate(unit) for _ in samples[i]] + [u for v in unit for u in negatives[v]]
+    caps = [c for s in samples for c in s] + [samples[i][best[i]] for i, v in enumerate(unit) for _ in negatives[v]]
+    logps = iter(captioner.logprob(store.grid_feats(vids), caps).tolist())  # in the order of `caps`
+    ref = [[next(logps) for _ in s] for s in samples]
+    ref_cross = [[next(logps) for _ in negatives[v]] for v in unit]
+    return [{"video_id": v, "group": dataset.by_id[v].group, "captions": samples[i], "rewards": rewards[i].tolist(),
+             "ref_logps": ref[i], "best": best[i], "negatives": negatives[v], "ref_cross_logps": ref_cross[i],
+             "lengths": _lengths(captioner, samples[i])} for i, v in enumerate(unit)]
 
 
 def _lengths(captioner, caps: list[str]) -> list[int]:
