@@ -9,7 +9,7 @@ OUT     ?= runs/$(PRESET)-s$(SEED)
 # The stamp changes whenever the pins change, so `make` reinstalls only then.
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-10)
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run seeds test test-all bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 run: setup
 	$(VENV)/bin/caredpo run --preset $(PRESET) --seed $(SEED) --out $(OUT)
+
+# The experiment over several seeds, then mean ± std of every arm: make seeds SEEDS="0 1 2"
+SEEDS ?= 0 1 2
+seeds: setup
+	for s in $(SEEDS); do $(VENV)/bin/caredpo run --preset $(PRESET) --seed $$s --out runs/$(PRESET)-s$$s || exit 1; done
+	$(VENV)/bin/caredpo summary $(foreach s,$(SEEDS),runs/$(PRESET)-s$(s))
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -78,3 +78,22 @@ def test_eval_run_on_user_queries(smoke_run, tmp_path):
         for m in by_retriever.values():
             _check_metrics(m)
             assert m["n_queries"] == 12 and m["n_videos"] == 12  # 6 videos x 2 queries; all 12 compete
+
+
+def test_aggregate_over_seeds_by_hand():
+    from caredpo.pipeline.report import aggregate
+
+    def arms(r1, twin):
+        m = {"t2v": {"R1": r1, "R5": 50.0, "MnR": 3.0}, "v2t": {"R1": 10.0}, "twin_acc": twin}
+        return {"sft": {"role": m}}
+
+    out = aggregate([arms(10.0, 20.0), arms(20.0, 30.0), arms(30.0, 25.0)])
+    assert out["sft"]["role"]["t2v R@1"] == pytest.approx((20.0, 10.0))  # mean 20, sample std 10
+    assert out["sft"]["role"]["twin acc %"] == pytest.approx((25.0, 5.0))
+    assert out["sft"]["role"]["t2v R@5"] == (50.0, 0.0)
+
+
+def test_summary_command_prints_mean_and_spread(smoke_run, capsys):
+    assert main(["summary", str(smoke_run), str(smoke_run)]) == 0
+    out = capsys.readouterr().out
+    assert "mean ± std over 2 run(s)" in out and "± 0.0" in out

@@ -12,6 +12,7 @@ import typer
 
 def register(root: typer.Typer) -> None:
     root.command("run", help="Run every stage (data .. evaluation) and print the results table.")(run)
+    root.command("summary", help="Mean ± std over seeds of finished runs' results.")(summary)
 
 
 def run(
@@ -32,3 +33,12 @@ def run(
     if unknown:
         raise DataError(f"--only: unknown stages {unknown}; stages are {list(STAGES)}")
     run_pipeline(preset, seed, out or Path("runs") / f"{preset}-s{seed}", stages)
+
+
+def summary(runs: list[Path] = typer.Argument(..., help="finished run folders (one per seed)")) -> None:
+    """Mean ± standard deviation over seeds of every arm's headline numbers."""
+    from ..io import read_json
+    from ..pipeline.report import RESULTS, aggregate, print_summary
+
+    results = [read_json(r / RESULTS) for r in runs]
+    print_summary(aggregate([r["arms"] for r in results]), f"mean ± std over {len(runs)} run(s)")

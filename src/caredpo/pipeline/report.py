@@ -147,3 +147,38 @@ def write_caption_examples(run: Path, dataset: Dataset, path: Path, n_groups: in
 def _factor_line(factors: Mapping) -> str:
     keep = ("size", "colour", "shape", "background", "motion", "speed", "event_order")
     return ", ".join(f"{k}={factors[k]}" for k in keep if k in factors) or str(dict(factors))[:200]
+
+
+def aggregate(runs: list[Mapping[str, Mapping[str, dict]]]) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
+    """Mean and sample standard deviation over runs (seeds) of each arm/retriever's headline numbers.
+
+    runs: the `arms` dicts of several results.json. Returns arm -> retriever -> metric -> (mean, std);
+    std is 0.0 for a single run. Only (arm, retriever) pairs present in every run are kept."""
+    import statistics
+
+    picks = {"t2v R@1": ("t2v", "R1"), "t2v R@5": ("t2v", "R5"), "t2v MnR": ("t2v", "MnR"),
+             "v2t R@1": ("v2t", "R1"), "twin acc %": ("twin_acc", None)}
+    out: dict = {}
+    for arm, by_retriever in runs[0].items():
+        for name in by_retriever:
+            if not all(name in r.get(arm, {}) for r in runs):
+                continue
+            for label, (key, sub) in picks.items():
+                values = [r[arm][name][key] if sub is None else r[arm][name][key][sub] for r in runs]
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                out.setdefault(arm, {}).setdefault(name, {})[label] = (statistics.fmean(values), std)
+    return out
+
+
+def print_summary(summary: Mapping[str, Mapping[str, Mapping[str, tuple[float, float]]]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    labels = next(iter(next(iter(summary.values())).values())).keys()
+    table = Table(title=title)
+    for col in ("captions", "retriever", *labels):
+        table.add_column(col, justify="left" if col in ("captions", "retriever") else "right")
+    for arm, by_retriever in summary.items():
+        for name, cells in by_retriever.items():
+            table.add_row(arm, name, *(f"{m:.1f} ± {s:.1f}" for m, s in cells.values()))
+    Console(width=max(Console().width, 120)).print(table)
