@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from .common import load_data, set_threads
+
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="The video captioner: supervised fine-tuning and caption generation.")
 
@@ -35,13 +37,13 @@ def sft(
     from ..captioner.sft import train_sft
     from ..progress import console
 
-    _threads(threads)
+    set_threads(threads)
     model_kw = _given(lm=lm, lora_layers=lora_layers, lora_rank=lora_rank, seed=seed)
     sft_kw = _given(steps=steps, videos_per_step=videos_per_step, captions_per_video=captions_per_video,
                     lr_projector=lr_projector, lr_lora=lr_lora, val_every=val_every, val_videos=val_videos,
                     save_every=save_every, seed=seed)
     model_cfg, sft_cfg = _configs(preset, model_kw, sft_kw)
-    dataset, store = _load(data, features)
+    dataset, store = load_data(data, features)
     model = VideoCaptioner(model_cfg)
     result = train_sft(model, dataset, store, out, sft_cfg, resume=resume, log=console().print)
     console().print(f"final val loss {result['final_val_loss']}  ({result['seconds_this_run']} s)")
@@ -69,13 +71,13 @@ def generate(
     from ..captioner.model import VideoCaptioner
     from ..records import DataError
 
-    _threads(threads)
+    set_threads(threads)
     try:
         sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                   seed=seed, batch_videos=batch_videos)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    dataset, store = _load(data, features)
+    dataset, store = load_data(data, features)
     videos = dataset.videos if split == "all" else dataset.split(split)
     ids = [v.id for v in videos if v.id in store]
     if not ids:
@@ -100,17 +102,3 @@ def _configs(preset: str, model_kw: dict, sft_kw: dict):
 
 def _given(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
-
-
-def _load(data: Path, features: Optional[Path]):
-    from ..data import load_dataset
-    from ..features import FeatureStore
-
-    return load_dataset(data), FeatureStore.load(features or data / "features")
-
-
-def _threads(n: int) -> None:
-    if n > 0:
-        import torch
-
-        torch.set_num_threads(n)

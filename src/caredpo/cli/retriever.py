@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from .common import load_data, set_threads
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train the role-embedding retriever.")
 
 REFERENCE = "reference"  # --captions value: oracle reference captions (never the query)
@@ -38,11 +40,11 @@ def train(
     from ..progress import console
     from ..retrieval.train import load_caption_pool, preset as make_preset, train_retriever
 
-    _threads(threads)
+    set_threads(threads)
     cfg = _train_config(make_preset, preset, variant, pooling, seed, epochs=epochs, batch_groups=batch_groups,
                         lr=lr, max_steps=max_steps, eval_every=eval_every, save_every=save_every,
                         train_layers=train_layers, device=device)
-    dataset, store = _load(data, features)
+    dataset, store = load_data(data, features)
     pool = load_caption_pool(captions) if captions else None
     log = console().print
     _, metrics = train_retriever(cfg, dataset, store, out, caption_pool=pool, resume=resume, log=log)
@@ -82,14 +84,14 @@ def evaluate_cmd(
     from ..retrieval.score import Scorer, evaluate, reference_captions
     from ..retrieval.train import first_captions, load_caption_pool, read_queries
 
-    _threads(threads)
+    set_threads(threads)
     if run is not None:
         return _evaluate_run(run, queries, out)
     if model is None or data is None:
         raise typer.BadParameter("give --run RUN_DIR, or both --model and --data")
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"{model}: no retriever here (expected config.json from save_pretrained)")
-    dataset, store = _load(data, features)
+    dataset, store = load_data(data, features)
     q = read_queries(queries) if queries else None
     caps = _captions(captions, dataset, split, seed, q, load_caption_pool, first_captions, reference_captions)
     retriever = Retriever.from_pretrained(model).to(device)
@@ -108,7 +110,7 @@ def _evaluate_run(run: Path, queries: Optional[Path], out: Optional[Path]) -> No
 
     if not (run / "stages" / "test_captions.json").exists():
         raise FileNotFoundError(f"{run}: not a finished caredpo run (no stages/test_captions.json)")
-    dataset, store = _load(run / "data", None)
+    dataset, store = load_data(run / "data", None)
     q = read_queries(queries) if queries else None
     path = out or run / ("results_queries.json" if queries else "results.json")
     arms = evaluate_run(run, dataset, store, q, out_path=path)
@@ -122,20 +124,6 @@ def _captions(arg, dataset, split, seed, queries, load_pool, first, reference):
     if arg == REFERENCE:
         return reference(dataset, split, seed=seed, queries=queries)
     return first(load_pool(Path(arg)))
-
-
-def _load(data: Path, features: Optional[Path]):
-    from ..data import load_dataset
-    from ..features import FeatureStore
-
-    return load_dataset(data), FeatureStore.load(features or data / "features")
-
-
-def _threads(n: int) -> None:
-    if n > 0:
-        import torch
-
-        torch.set_num_threads(n)
 
 
 def _print_table(rows: dict[str, dict]) -> None:
