@@ -1,6 +1,6 @@
 """Frames per second of decoding and of frame-feature extraction, on TwinClips `default`.
 
-    python benchmarks/decode_features.py --data /tmp/twinclips_default [--limit 64] [--repeats 3]
+    python benchmarks/decode_features.py --data runs/default-s0/data [--limit 64] [--repeats 3]
 
 Decoding: our sampler (`read_frames`, T of 16 frames) against the naive peer that converts every
 frame to RGB and picks T afterwards. Features: the pipeline as shipped (decode thread overlapping
@@ -78,7 +78,7 @@ def time_extract(ds, cfg: FeatureConfig) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path("/tmp/twinclips_default"))
+    ap.add_argument("--data", type=Path, default=Path("runs/default-s0/data"))
     ap.add_argument("--limit", type=int, default=64, help="videos to time (the first N)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
