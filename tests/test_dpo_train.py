@@ -261,7 +261,7 @@ def test_cli_dpo_end_to_end_on_tiny_captioner(tmp_path):
             "--out", str(tmp_path / "run"), "--mode", "dpo", "--epochs", "2", "--lr", "1e-2"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "run" / "captioner" / "config.json").exists()
+    assert (tmp_path / "run" / "model" / "config.json").exists()
     rows = metrics_rows(tmp_path / "run")
     assert len(rows) == 2 and rows[0]["loss_video"] == 0.0  # plain DPO: no video group
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # fp16 features: ~same as the refs

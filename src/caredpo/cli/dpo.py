@@ -4,7 +4,7 @@
         --out runs/x/dg-dpo [--mode dpo] [--beta 0.1 --lambda-video 1 --lambda-nll 0 --margin 0] [--resume]
 
 The reference log-probs come from the preference file (computed by `caredpo prefs` with the same
-SFT captioner), so only the policy is in memory. The tuned captioner is saved to OUT/captioner.
+SFT captioner), so only the policy is in memory. The tuned captioner is saved to OUT/model.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def dpo(
     groups: Path = typer.Option(..., "--groups", help="preference groups jsonl from `caredpo prefs`"),
     captioner: Path = typer.Option(..., "--captioner", help="SFT captioner folder: the policy's start"),
     features: Path = typer.Option(..., "--features", help="features folder (FeatureStore)"),
-    out: Path = typer.Option(..., "--out", help="output folder (checkpoint, metrics.jsonl, captioner/)"),
+    out: Path = typer.Option(..., "--out", help="output folder (checkpoint, metrics.jsonl, model/)"),
     mode: str = typer.Option("dg-dpo", "--mode", help="dg-dpo | dpo (best-vs-worst pair, no video group)"),
     beta: float = typer.Option(0.1, "--beta", help="sigmoid inverse temperature"),
     lambda_video: Optional[float] = typer.Option(None, "--lambda-video", help="video-group weight (dg-dpo: 1)"),
@@ -54,7 +54,7 @@ def dpo(
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     if summary["finished"] and hasattr(policy, "save_pretrained"):
-        policy.save_pretrained(out / "captioner")
+        policy.save_pretrained(out / "model")  # like SFT: from_pretrained(OUT) finds it
     print(f"{cfg.mode}: {summary['steps']}/{summary['total_steps']} steps; metrics {summary['metrics']}")
 
 
