@@ -47,7 +47,7 @@ def dpo(
     policy = _load_captioner(captioner)
     if hasattr(policy, "set_trainable"):
         policy.set_trainable()  # projector + LoRA train, the base LM stays frozen
-    feature_fn = _feature_fn(policy, features)
+    feature_fn = _feature_fn(features)
     try:
         summary = train_dpo(policy, groups, feature_fn, out, cfg, resume=resume)
     except NonFiniteLossError as e:
@@ -64,11 +64,8 @@ def _load_captioner(path: Path):
     return VideoCaptioner.from_pretrained(path)
 
 
-def _feature_fn(policy, features_dir: Path):
-    """The captioner's own feature selection if it has one, else the 2x2 grid features."""
+def _feature_fn(features_dir: Path):
+    """The captioner's visual input: the 2x2 grid features of each video."""
     from ..features import FeatureStore
 
-    store = FeatureStore.load(features_dir)
-    if hasattr(policy, "features_from_store"):
-        return lambda ids: policy.features_from_store(store, ids)
-    return store.grid_feats
+    return FeatureStore.load(features_dir).grid_feats

@@ -24,6 +24,11 @@ ARM_RETRIEVERS: dict[str, tuple[str, ...]] = {
 RESULTS = "results.json"
 
 
+def _run_seed(run: Path) -> int:
+    """The seed a run was made with (it fixes the oracle's caption draw); 0 without run.json."""
+    return read_json(run / "run.json").get("seed", 0) if (run / "run.json").exists() else 0
+
+
 def arm_captions(run: Path, arm: str, dataset: Dataset, seed: int,
                  queries: Mapping[str, list[str]] | None = None) -> dict[str, str | None] | None:
     """video id -> the auxiliary caption this arm gives each test video (None: no caption)."""
@@ -45,7 +50,7 @@ def evaluate_run(run: str | Path, dataset: Dataset, store, queries: Mapping[str,
     from ..retrieval.score import Scorer, evaluate
 
     run = Path(run)
-    seed = read_json(run / "run.json").get("seed", 0) if (run / "run.json").exists() else 0
+    seed = _run_seed(run)
     scorers: dict[str, Scorer] = {}  # one per retriever: its query vectors are cached across arms
     arms: dict[str, dict] = {}
     for arm in CAPTION_ARMS:
@@ -127,7 +132,7 @@ def plot_dpo_curves(run: Path, path: Path) -> None:
 
 def write_caption_examples(run: Path, dataset: Dataset, path: Path, n_groups: int = 3) -> None:
     """captions.md: for whole twin groups of test clips, the factors and every arm's caption."""
-    seed = read_json(run / "run.json").get("seed", 0) if (run / "run.json").exists() else 0
+    seed = _run_seed(run)
     caps = {arm: arm_captions(run, arm, dataset, seed) for arm in ("sft", "dpo", "dg_dpo", "reference")}
     groups: dict[str, list] = {}
     for v in dataset.split("test"):
