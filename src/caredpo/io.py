@@ -1,11 +1,17 @@
-"""Small file helpers: atomic writes and append-only JSONL that resumes without duplicates."""
+"""Small file helpers: atomic writes and append-only JSONL that resumes without duplicates.
+
+Sharded JSONL (one writer per process under torchrun): each process appends to its own
+`NAME.part<rank>`; when all are done, rank 0 folds them into NAME with `merge_parts`.
+"""
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -74,3 +80,53 @@ def _truncate_torn_tail(path: Path) -> None:
     data = path.read_bytes()
     if not data.endswith(b"\n"):
         path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+# ---- sharded jsonl -------------------------------------------------------------------------------
+
+def part_path(path: str | Path, rank: int) -> Path:
+    """Process `rank`'s part of a sharded jsonl: NAME.part<rank> next to NAME."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.part{rank}")
+
+
+def part_paths(path: str | Path) -> list[Path]:
+    """The part files of `path` that exist (from any earlier world size), in rank order."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.name) + r"\.part(\d+)")
+    found = [(int(m.group(1)), p) for p in path.parent.glob(glob.escape(path.name) + ".part*")
+             if (m := pattern.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _whole_lines(path: Path) -> list[str]:
+    """Complete lines only (a torn tail is dropped, as in `read_jsonl`)."""
+    if not path.exists():
+        return []
+    return [line + "\n" for line in path.read_text(encoding="utf-8").split("\n")[:-1]]
+
+
+def merge_parts(path: str | Path, order: Sequence[str], key: str = "video_id") -> int:
+    """Fold the part files into `path` (atomic write), then delete them; returns the rows added.
+
+    `path`'s own rows stay first, verbatim; then the parts' rows whose `key` is not there yet, in
+    the order of `order` (keys not in it last, in part order). A key seen twice is kept once, so a
+    merge interrupted after its write and rerun changes nothing."""
+    path = Path(path)
+    parts = part_paths(path)
+    if not parts:
+        return 0
+    kept = _whole_lines(path)
+    seen = {json.loads(line)[key] for line in kept}
+    new: dict[str, str] = {}
+    for part in parts:
+        for line in _whole_lines(part):
+            k = json.loads(line)[key]
+            if k not in seen:
+                new.setdefault(k, line)
+    pos = {k: i for i, k in enumerate(order)}
+    added = sorted(new, key=lambda k: pos.get(k, len(pos)))  # stable: unknown keys keep part order
+    atomic_write_text(path, "".join(kept + [new[k] for k in added]))
+    for part in parts:
+        part.unlink()
+    return len(added)

@@ -36,7 +36,10 @@ def console() -> Console:
 
 
 def progress_bar(*extra: ProgressColumn | str, transient: bool = False) -> Progress:
-    """Description, bar, done/total, rate, elapsed, ETA, plus any extra columns (e.g. loss)."""
+    """Description, bar, done/total, rate, elapsed, ETA, plus any extra columns (e.g. loss).
+    Under torchrun only rank 0 draws (the others' bars are disabled)."""
+    from .dist import is_main
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -47,4 +50,5 @@ def progress_bar(*extra: ProgressColumn | str, transient: bool = False) -> Progr
         TimeRemainingColumn(),
         console=console(),
         transient=transient,
+        disable=not is_main(),
     )

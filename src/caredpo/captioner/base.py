@@ -23,7 +23,10 @@ class Captioner(Protocol):
     ) -> list[list[str]]:
         """Sample `n` captions per video. features: backend-specific visual input with a leading
         batch dim B (our default: the 2x2 grid features [B, T, 4, C]). Returns B lists of n
-        strings. temperature == 0 means greedy. Deterministic for a given seed."""
+        strings. temperature == 0 means greedy. Deterministic for a given seed.
+        A backend with the class attribute `seeds_per_video = True` also takes a sequence of B
+        seeds: video i's captions then depend only on seed[i] (and its features), not on the rest
+        of the batch; `generate_captions` relies on it to batch (else it calls one video at a time)."""
         ...
 
     def logprob(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -232,11 +233,14 @@ class VideoCaptioner(nn.Module):
 
     # ------------------------------------------------------------ sampling
 
+    seeds_per_video = True  # generate() takes one seed per video (see Captioner.generate)
+
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int = 32, seed: int | None = None) -> list[list[str]]:
+                 max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> list[list[str]]:
         """n captions per video; temperature 0 = greedy. One prefix pass per video, its KV cache
-        repeated n times; finished rows leave the batch. Same seed -> same captions."""
+        repeated n times; finished rows leave the batch. Same seed -> same captions; one seed per
+        video: a video's captions do not depend on the other videos of the batch."""
         B = features.shape[0]
         tokens = self.generate_ids(features, n, temperature, top_p, max_new_tokens, seed)
         texts = [self._decode(row) for row in tokens.tolist()]
@@ -244,16 +248,20 @@ class VideoCaptioner(nn.Module):
 
     @torch.inference_mode()
     def generate_ids(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                     max_new_tokens: int = 32, seed: int | None = None) -> torch.Tensor:
+                     max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> torch.Tensor:
         """Token ids [B * n, max_new_tokens] (rows of a video adjacent; EOS-filled after the end)."""
         if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("need n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
-        gen = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        per_video = seed is not None and not isinstance(seed, int)
+        if per_video and len(seed) != features.shape[0]:
+            raise ValueError(f"{len(seed)} seeds for {features.shape[0]} videos")
+        gen = None if seed is None or per_video else torch.Generator(self.device).manual_seed(seed)
+        table = video_uniforms(seed, n, max_new_tokens).to(self.device) if per_video else None
         h, cache = self.prefill(features)
         if n > 1:
             cache.batch_repeat_interleave(n)
             h = h.repeat_interleave(n, 0)
-        return sample_loop(self, h, cache, features.shape[0] * n, temperature, top_p, max_new_tokens, gen)
+        return sample_loop(self, h, cache, features.shape[0] * n, temperature, top_p, max_new_tokens, gen, table)
 
     def _decode(self, row: list[int]) -> str:
         if self.eos_id in row:
@@ -381,13 +389,19 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: torch
     return idx if order is None else order.gather(1, idx[:, None])[:, 0]
 
 
+def video_uniforms(seeds: Sequence[int], n: int, steps: int) -> torch.Tensor:
+    """[len(seeds) * n, steps] sampling uniforms, video i's n rows drawn from its own seed only."""
+    return torch.cat([torch.rand(n, steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
 def sample_loop(model: VideoCaptioner, h: torch.Tensor, cache, rows: int, temperature: float, top_p: float,
-                max_new_tokens: int, gen: torch.Generator | None) -> torch.Tensor:
-    """Decode from prefix hidden states h [R, d] and their cache -> token ids [R, max_new_tokens]."""
+                max_new_tokens: int, gen: torch.Generator | None, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode from prefix hidden states h [R, d] and their cache -> token ids [R, max_new_tokens].
+    Uniforms: row r at step t uses table[r, t] when given, else one draw of `gen` per row and step."""
     tokens = torch.full((rows, max_new_tokens), model.eos_id, dtype=torch.long, device=h.device)
     active = torch.arange(rows, device=h.device)
     for step in range(max_new_tokens):
-        u = torch.rand(rows, generator=gen, device=h.device)[active]
+        u = table[active, step] if table is not None else torch.rand(rows, generator=gen, device=h.device)[active]
         nxt = pick_tokens(model.lm_head(h), temperature, top_p, u)
         tokens[active, step] = nxt
         keep = nxt != model.eos_id

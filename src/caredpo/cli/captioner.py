@@ -52,12 +52,17 @@ def sft(
 
 @app.command("generate")
 def generate(
-    model: Path = typer.Option(..., "--model", help="Captioner folder (or an SFT/DPO run folder)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Captioner folder (or an SFT/DPO run folder)."),
     data: Path = typer.Option(..., "--data", help="Data folder."),
+    backend: Optional[str] = typer.Option(None, "--captioner", help="hf: a Hugging Face video MLLM from "
+                                          "--model-path instead of our captioner (--model)."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="--captioner hf: local HF model folder "
+                                              "(or the model/ folder `caredpo dpo` saved)."),
     features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
     out: Path = typer.Option(..., "--out", help="captions .jsonl (appended to; resumes without duplicates)."),
     split: str = typer.Option("test", "--split", help="Which split to caption (train, val, test, all)."),
-    n: int = typer.Option(1, "--n", help="Captions per video."),
+    n: int = typer.Option(1, "--n", "--num-captions",
+                          help="Captions per video (under torchrun write --num-captions: it claims --n)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
@@ -66,10 +71,14 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
 ) -> None:
-    """Caption the videos of a split into a jsonl: video_id, captions, sampling settings."""
+    """Caption the videos of a split into a jsonl: video_id, captions, sampling settings.
+    Under `torchrun --nproc_per_node=N` the videos are sharded over the processes and merged."""
+    from .. import dist
     from ..captioner.generate import SamplingConfig, generate_captions
     from ..captioner.model import VideoCaptioner
+    from ..data import load_dataset
     from ..records import DataError
+    from .common import load_captioner
 
     set_threads(threads)
     try:
@@ -77,14 +86,32 @@ def generate(
                                   seed=seed, batch_videos=batch_videos)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    dataset, store = load_data(data, features)
+    hf = _is_hf(backend, model, model_path)
+    dataset, store = (load_dataset(data), None) if hf else load_data(data, features)
     videos = dataset.videos if split == "all" else dataset.split(split)
-    ids = [v.id for v in videos if v.id in store]
+    ids = [v.id for v in videos if hf or v.id in store]  # an HF model decodes the videos itself
     if not ids:
-        raise DataError(f"{data}: no videos with features in split {split!r}")
-    captioner = VideoCaptioner.from_pretrained(model, lm=lm)
+        raise DataError(f"{data}: no videos {'' if hf else 'with features '}in split {split!r}")
+    captioner = load_captioner("hf", model_path) if hf else VideoCaptioner.from_pretrained(model, lm=lm)
     captioner.eval()
-    typer.echo(str(generate_captions(captioner, store, ids, out, sampling)))
+    with dist.session():
+        path = generate_captions(captioner, store, ids, out, sampling,
+                                 visual=captioner.frames(dataset) if hf else None)
+        main = dist.is_main()
+    if main:
+        typer.echo(str(path))
+
+
+def _is_hf(backend: Optional[str], model: Optional[Path], model_path: Optional[Path]) -> bool:
+    """--captioner hf --model-path PATH (an HF video MLLM) or our captioner from --model FOLDER."""
+    if backend not in (None, "hf"):
+        raise typer.BadParameter(f"--captioner takes only `hf` (our captioner: --model FOLDER), got {backend!r}")
+    hf = backend == "hf"
+    if (model if hf else model_path) is not None:
+        raise typer.BadParameter("use --model FOLDER for our captioner, --captioner hf --model-path PATH for an HF one")
+    if not hf and model is None:
+        raise typer.BadParameter("--model FOLDER is required (or --captioner hf --model-path PATH)")
+    return hf
 
 
 def _configs(preset: str, model_kw: dict, sft_kw: dict):

@@ -20,3 +20,27 @@ def load_data(data: Path, features: Optional[Path]):
     from ..features import FeatureStore
 
     return load_dataset(data), FeatureStore.load(features or data / "features")
+
+
+def load_captioner(captioner: str | Path, model_path: Optional[Path] = None):
+    """`--captioner FOLDER` (our captioner) or `--captioner hf --model-path PATH`: a Hugging Face
+    video MLLM (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision; family from its config.json) from a local
+    folder, or a folder `caredpo dpo` saved (base path + LoRA adapter)."""
+    import typer
+
+    if str(captioner) == "hf":
+        if model_path is None:
+            raise typer.BadParameter("--captioner hf needs --model-path PATH (a local Hugging Face model folder)")
+        from ..captioner.hf import HFVideoCaptioner
+
+        return HFVideoCaptioner.from_pretrained(model_path)
+    if model_path is not None:
+        raise typer.BadParameter("--model-path is only used with --captioner hf")
+    from ..captioner.model import VideoCaptioner
+
+    return VideoCaptioner.from_pretrained(captioner)
+
+
+def visual_input(captioner, dataset, store):
+    """ids -> the captioner's visual input: decoded frames for an HF MLLM, else grid features."""
+    return captioner.frames(dataset) if hasattr(captioner, "frames") else store.grid_feats

@@ -36,7 +36,9 @@ def train(
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cuda."),
 ) -> None:
-    """Train the retriever on a data set's train split; evaluates on the test split at the end."""
+    """Train the retriever on a data set's train split; evaluates on the test split at the end.
+    Under `torchrun --nproc_per_node=N` data-parallel (same result; rank 0 writes)."""
+    from .. import dist
     from ..progress import console
     from ..retrieval.train import load_caption_pool, preset as make_preset, train_retriever
 
@@ -47,9 +49,12 @@ def train(
     dataset, store = load_data(data, features)
     pool = load_caption_pool(captions) if captions else None
     log = console().print
-    _, metrics = train_retriever(cfg, dataset, store, out, caption_pool=pool, resume=resume, log=log)
-    _print_table({cfg.model.variant: metrics})
-    typer.echo(str(out / "model"))
+    with dist.session():
+        _, metrics = train_retriever(cfg, dataset, store, out, caption_pool=pool, resume=resume, log=log)
+        main = dist.is_main()
+    if main:
+        _print_table({cfg.model.variant: metrics})
+        typer.echo(str(out / "model"))
 
 
 def _train_config(make_preset, preset: str, variant: str, pooling: str, seed: int, train_layers, **kw):

@@ -102,26 +102,32 @@ def dg_dpo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor,
                 beta: float, lambda_video: float, margin: float = 0.0, *,
                 pairs: str = "all", caption_mask: Tensor | None = None,
                 cross_mask: Tensor | None = None, best: Tensor | None = None,
-                lambda_nll: float = 0.0, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
+                lambda_nll: float = 0.0, lengths: Tensor | None = None,
+                term_weights: tuple[float, float, float] | None = None) -> tuple[Tensor, dict]:
     """DG-DPO (our reconstruction). Shapes: policy_logps, ref_logps, rewards [G, K]; cross [G, M]
     = log-probs of each video's best caption under its M twins (None: no video group).
 
     Keyword options: `pairs` ("all" | "best_worst"), `caption_mask` [G, K] (padding of ragged K),
     `cross_mask` [G, M] (padding of ragged M), `best` [G] (default: argmax reward, first on ties),
-    `lambda_nll` with `lengths` [G, K] caption token counts (NLL of the best caption per token).
+    `lambda_nll` with `lengths` [G, K] caption token counts (NLL of the best caption per token),
+    `term_weights` (caption, video, nll) factors on the three terms: data-parallel training passes
+    this process's videos in a term / all processes' videos in it, so the processes' losses sum to
+    the loss of the whole batch (each term is a mean over videos). Stats keep the unweighted means.
     Returns (loss, stats); stats hold floats only (detached), ready for a metrics log.
     """
+    w_caption, w_video, w_nll = term_weights or (None, None, None)
     h = policy_logps - ref_logps
     valid = torch.ones_like(rewards, dtype=torch.bool) if caption_mask is None else caption_mask.bool()
     best = _masked_argmax(rewards, valid) if best is None else best
     rows = torch.arange(len(h))
     loss, stats = caption_group_loss(h, pair_mask(rewards, margin, pairs, valid), beta)
+    loss = loss if w_caption is None else loss * w_caption
     if policy_cross_logps is not None and policy_cross_logps.numel() > 0:
         # stats are logged even at lambda_video = 0 (plain DPO shows how twins drift)
         h_cross = policy_cross_logps - ref_cross_logps
         l_video, vstats = video_group_loss(h[rows, best], h_cross, beta, cross_mask)
         if lambda_video:
-            loss = loss + lambda_video * l_video
+            loss = loss + lambda_video * (l_video if w_video is None else l_video * w_video)
         stats.update(vstats)
     else:
         stats.update(loss_video=0.0, video_acc=float("nan"), video_margin=float("nan"))
@@ -129,7 +135,7 @@ def dg_dpo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor,
         if lengths is None:
             raise ValueError("lambda_nll > 0 needs `lengths` (caption token counts [G, K])")
         l_nll = nll_loss(policy_logps[rows, best], lengths[rows, best])
-        loss = loss + lambda_nll * l_nll
+        loss = loss + lambda_nll * (l_nll if w_nll is None else l_nll * w_nll)
         stats["loss_nll"] = float(l_nll.detach())
     stats["loss"] = float(loss.detach())
     return loss, stats

@@ -11,6 +11,9 @@ S is the retriever's scaled cosine (logit scale x cosine). Each output row also 
 reference log-probs the DG-DPO loss needs (every sampled caption under v, the best caption under
 each twin), so training holds no reference model. Rows are appended one twin group at a time
 and a rerun skips the videos already written (see `caredpo.dpo.train` for the row format).
+Under torchrun the twin groups are dealt round-robin to the processes (each samples with its
+group's own seed, so the rows equal one process's); each appends to groups.jsonl.part<rank> and
+rank 0 merges them into groups.jsonl in group order (`caredpo.io.merge_parts`).
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ..io import append_jsonl, read_jsonl, write_json
+from .. import dist
+from ..io import append_jsonl, merge_parts, part_path, part_paths, read_jsonl, write_json
 from ..records import Dataset, DataError
 
 GROUPS_FILE = "groups.jsonl"
@@ -68,15 +72,16 @@ class PrefsConfig:
 
 
 def hard_negatives(dataset: Dataset, video_ids: Sequence[str], embed: Callable[[list[str]], torch.Tensor],
-                   k: int) -> dict[str, list[str]]:
-    """Twins where the data set has groups; else the k nearest videos by embedding (cosine)."""
+                   k: int, search=None) -> dict[str, list[str]]:
+    """Twins where the data set has groups; else the k nearest videos by embedding (cosine):
+    torch up to `search.exact_max` videos, FAISS above (a `retrieval.search.SearchConfig`)."""
+    from ..retrieval.search import SearchConfig, neighbours
+
     if all(dataset.by_id[v].group is not None for v in video_ids):
         return {v: dataset.twins_of(v) for v in video_ids}
     ids = list(video_ids)
     emb = torch.nn.functional.normalize(embed(ids), dim=-1)
-    sim = emb @ emb.T
-    sim.fill_diagonal_(-float("inf"))
-    top = sim.topk(min(k, len(ids) - 1), dim=1).indices
+    top = neighbours(emb, k, search or SearchConfig())
     return {v: [ids[j] for j in top[i].tolist()] for i, v in enumerate(ids)}
 
 
@@ -90,11 +95,14 @@ def _units(dataset: Dataset, video_ids: Sequence[str]) -> list[list[str]]:
 
 def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str | Path,
                       greedy: Mapping[str, str], config: PrefsConfig = PrefsConfig(),
-                      show_progress: bool = True) -> Path:
+                      show_progress: bool = True,
+                      visual: Callable[[Sequence[str]], torch.Tensor] | None = None) -> Path:
     """Write `out_dir/groups.jsonl` (+ `prefs.json` summary); resumes after the last whole unit.
 
     captioner: a `Captioner` (the frozen SFT model = pi_ref). scorer: a retrieval `Scorer`.
     store: a FeatureStore. greedy: video id -> the current greedy caption (the twins carry it).
+    visual: ids -> the captioner's visual input (default `store.grid_feats`; an HF video MLLM
+    takes frames, `HFVideoCaptioner.frames(dataset)`).
     """
     from ..progress import progress_bar
 
@@ -106,16 +114,28 @@ def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str |
     missing = sorted({u for v in vids for u in negatives[v]} - set(greedy))
     if missing:
         raise DataError(f"no greedy caption for hard-negative videos {missing[:3]} (run captions for train first)")
-    done = {row["video_id"] for row in read_jsonl(path)}
-    units = [u for u in _units(dataset, vids) if not set(u) <= done]
+    parts = part_paths(path)
+    sharded = dist.world_size() > 1 or bool(parts)  # shards left by a killed sharded run count too
+    done = {row["video_id"] for p in [path, *parts] for row in read_jsonl(p)}
+    all_units = _units(dataset, vids)
+    mine = all_units[dist.rank()::dist.world_size()]
+    units = [u for u in mine if not set(u) <= done]
+    target = part_path(path, dist.rank()) if sharded else path
     with progress_bar() as bar:
-        task = bar.add_task("preferences", total=len(vids), completed=len(vids) - sum(map(len, units)),
-                            unit="videos")
+        total = sum(map(len, mine))
+        task = bar.add_task("preferences", total=total, completed=total - sum(map(len, units)), unit="videos")
         for unit in units:
-            rows = _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config)
-            append_jsonl(path, [r for r in rows if r["video_id"] not in done])
+            rows = _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config,
+                               visual or store.grid_feats)
+            append_jsonl(target, [r for r in rows if r["video_id"] not in done])
             bar.advance(task, len(unit))
-    write_json(out / META_FILE, {"config": asdict(config), **summarize(list(read_jsonl(path)))})
+    if sharded:
+        dist.barrier()
+        if dist.is_main():
+            merge_parts(path, [v for u in all_units for v in u])
+    if dist.is_main():
+        write_json(out / META_FILE, {"config": asdict(config), **summarize(list(read_jsonl(path)))})
+    dist.barrier()  # every process returns with the merged file in place
     return path
 
 
@@ -135,8 +155,8 @@ def preference_videos(dataset: Dataset, config: PrefsConfig) -> list[str]:
 
 
 @torch.no_grad()
-def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config) -> list[dict]:
-    grid = store.grid_feats(unit)  # [U, T, 4, C]
+def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config, visual) -> list[dict]:
+    grid = visual(unit)  # [U, ...]: e.g. grid features [U, T, 4, C]
     seed = config.seed * 1_000_003 + zlib.crc32((dataset.by_id[unit[0]].group or unit[0]).encode())
     samples = captioner.generate(grid, n=config.num_samples, temperature=config.temperature,
                                  top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=seed)
@@ -147,7 +167,7 @@ def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, conf
     # caption under each of its twins. Rows share a prefix pass per distinct video.
     vids = [v for i, v in enumerate(unit) for _ in samples[i]] + [u for v in unit for u in negatives[v]]
     caps = [c for s in samples for c in s] + [samples[i][best[i]] for i, v in enumerate(unit) for _ in negatives[v]]
-    logps = iter(captioner.logprob(store.grid_feats(vids), caps).tolist())  # in the order of `caps`
+    logps = iter(captioner.logprob(visual(vids), caps).tolist())  # in the order of `caps`
     ref = [[next(logps) for _ in s] for s in samples]
     ref_cross = [[next(logps) for _ in negatives[v]] for v in unit]
     return [{"video_id": v, "group": dataset.by_id[v].group, "captions": samples[i], "rewards": rewards[i].tolist(),

@@ -13,6 +13,10 @@ Preference groups (one JSON object per line, written by `caredpo prefs`):
 K and M may differ between rows (padded and masked in the loss). No reference model is held in
 memory. A batch holds whole twin groups, so both directions of the video group are seen.
 `features(ids) -> Tensor[B, ...]` gives the policy's visual input (e.g. `FeatureStore.grid_feats`).
+
+Under `torchrun` (see `caredpo.dist`) each step's twin groups are split over the processes; each
+process weights its loss terms by its share of the videos in them (`term_weights`), gradients are
+summed over processes, so the update equals one process's on the whole batch. Only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import dist
 from ..io import append_jsonl, atomic_write_text, read_jsonl, write_json
 from ..records import DataError
 from .loss import PAIR_MODES, dg_dpo_loss, pair_mask
@@ -150,9 +155,9 @@ def _pad(rows: Sequence[dict], key: str, width: int, fill: float = 0.0) -> tuple
 
 
 def batch_loss(policy: nn.Module, rows: Sequence[dict], features: FeatureFn,
-               config: DPOConfig) -> tuple[Tensor, dict]:
+               config: DPOConfig, term_weights: tuple[float, float, float] | None = None) -> tuple[Tensor, dict]:
     """Policy log-probs of only the (video, caption) pairs the loss uses, in one `logprob` call,
-    then `dg_dpo_loss`. Padded entries of ragged K / M are masked out of the loss."""
+    then `dg_dpo_loss` (term_weights: see there). Padded entries of ragged K / M are masked out."""
     if config.lambda_nll and any("lengths" not in r for r in rows):
         raise DataError("lambda_nll > 0 needs 'lengths' (caption token counts) in every preference row")
     k = max(len(r["captions"]) for r in rows)
@@ -176,7 +181,7 @@ def batch_loss(policy: nn.Module, rows: Sequence[dict], features: FeatureFn,
         _scatter(logps[len(own):], cross, (len(rows), m)) if use_cross else None,
         ref_cross.to(dtype) if use_cross else None, config.beta, config.lambda_video, config.margin,
         pairs=config.pairs, caption_mask=cmask, cross_mask=xmask, best=best,
-        lambda_nll=config.lambda_nll, lengths=lengths)
+        lambda_nll=config.lambda_nll, lengths=lengths, term_weights=term_weights)
 
 
 def _scatter(values: Tensor, items: list[tuple], shape: tuple[int, int]) -> Tensor:
@@ -206,6 +211,66 @@ def _policy_logps(policy: nn.Module, features: FeatureFn, items: list[tuple]) ->
     index = {vid: i for i, vid in enumerate(ids)}
     rows = torch.tensor([index[it[2]] for it in items])
     return policy.logprob(feats[rows], [it[3] for it in items])
+
+
+# ---------------------------------------------------------------- data parallelism
+
+# stat -> index of the count it is a mean over (see _term_counts); means combine across processes
+_MEAN_OVER = {"loss_caption": 0, "loss_video": 1, "loss_nll": 2, "reward_acc": 3, "margin": 3,
+              "video_acc": 4, "video_margin": 4}
+_EMPTY_MEAN = {"loss_caption": 0.0, "loss_video": 0.0, "loss_nll": 0.0}  # else NaN, as in one process
+
+
+def _local_rows(batch: Sequence[dict]) -> list[dict]:
+    """This process's contiguous share of the batch's twin groups (whole groups, batch order)."""
+    groups: dict[str, list[dict]] = {}
+    for row in batch:
+        groups.setdefault(row.get("group") or f"\0{row['video_id']}", []).append(row)
+    mine = list(groups.values())[dist.shard_slice(len(groups))]
+    return [row for group in mine for row in group]
+
+
+def _term_counts(rows: Sequence[dict], config: DPOConfig) -> Tensor:
+    """[5] float64 what `dg_dpo_loss` averages over: videos in the caption group, in the video
+    group, in the NLL term; caption pairs; (video, twin) entries."""
+    if not rows:
+        return torch.zeros(5, dtype=torch.float64)
+    rewards, cmask = _pad(rows, "rewards", max(len(r["captions"]) for r in rows))
+    pm = pair_mask(rewards, config.margin, config.pairs, cmask)  # [G, K, K]
+    twins = [len(r.get("negatives", [])) for r in rows] if config.lambda_video > 0 else [0]
+    return torch.tensor([float(pm.any(dim=(1, 2)).sum()), float(sum(t > 0 for t in twins)),
+                         float(len(rows)) if config.lambda_nll else 0.0, float(pm.sum()), float(sum(twins))],
+                        dtype=torch.float64)
+
+
+def _shared_loss(policy: nn.Module, batch: Sequence[dict], features: FeatureFn,
+                 config: DPOConfig) -> tuple[Tensor, dict]:
+    """(this process's share of the batch loss, the whole batch's stats); every process calls it."""
+    rows = _local_rows(batch)
+    counts = _term_counts(rows, config)
+    total = dist.all_reduce_sum(counts.clone())
+    weights = tuple((counts[:3] / total[:3].clamp(min=1)).tolist())  # local share of each term's videos
+    loss, stats = batch_loss(policy, rows, features, config, weights) if rows else (torch.zeros(()), {})
+    return loss, _combine_stats(stats, counts, total, config)
+
+
+def _combine_stats(stats: dict, counts: Tensor, total: Tensor, config: DPOConfig) -> dict:
+    """The stats one process would log for the whole batch: count-weighted means, summed counts."""
+    keys = ["loss_caption", "n_pairs", "videos_without_pairs", "reward_acc", "margin", "loss_video",
+            "video_acc", "video_margin"] + (["loss_nll"] if config.lambda_nll else []) + ["loss"]
+    vals = []
+    for key in keys:
+        weight = counts[_MEAN_OVER[key]] if key in _MEAN_OVER else 1.0
+        vals.append(stats.get(key, 0.0) * weight if weight > 0 else 0.0)  # NaN means of no items drop out
+    summed = dist.all_reduce_sum(torch.tensor(vals, dtype=torch.float64)).tolist()
+    out = {}
+    for key, val in zip(keys, summed):
+        if key in _MEAN_OVER:
+            n = float(total[_MEAN_OVER[key]])
+            out[key] = val / n if n > 0 else _EMPTY_MEAN.get(key, float("nan"))
+        else:
+            out[key] = int(round(val)) if key != "loss" else val
+    return out
 
 
 # ---------------------------------------------------------------- the loop
@@ -276,13 +341,18 @@ def train_dpo(policy: nn.Module, groups: str | Path | Sequence[dict], features: 
     ckpt = out / CHECKPOINT
     if ckpt.exists() and not resume:
         raise DataError(f"{ckpt}: a checkpoint exists; pass --resume or use another output folder")
+    if dist.world_size() > config.groups_per_batch:
+        raise DataError(f"groups_per_batch={config.groups_per_batch} is below the {dist.world_size()} processes: "
+                        "each step's twin groups are split over them; raise --groups-per-batch")
     torch.manual_seed(config.seed)
     state = _make_state(policy, config)
     if resume and ckpt.exists():
         state.load(ckpt, config)
+    dist.broadcast_tensors(p for _, p in _trainable(policy))  # every process starts from rank 0's weights
     out.mkdir(parents=True, exist_ok=True)
-    _trim_metrics(out, state.step)
-    write_json(out / "dpo_config.json", dataclasses.asdict(config))
+    if dist.is_main():
+        _trim_metrics(out, state.step)
+        write_json(out / "dpo_config.json", dataclasses.asdict(config))
     policy.train(config.dropout)
     per_epoch = len(twin_batches(rows, config.groups_per_batch, config.seed, 0))
     total = config.epochs * per_epoch
@@ -312,8 +382,10 @@ def _run(state: _State, rows, features, out: Path, config: DPOConfig, per_epoch:
             batch = [rows[i] for i in batches[state.step % per_epoch]]
             stats = _step(state, batch, features, out, config)
             stats["epoch"] = epoch
-            _log_metrics(out, stats)
             bar.update(task, advance=1, loss=stats["loss"], acc=stats["reward_acc"], margin=stats["margin"])
+            if not dist.is_main():  # rank 0 alone writes metrics and checkpoints
+                continue
+            _log_metrics(out, stats)
             if state.step % config.checkpoint_every == 0 or state.step == end:
                 state.save(out / CHECKPOINT, config)
 
@@ -321,12 +393,17 @@ def _run(state: _State, rows, features, out: Path, config: DPOConfig, per_epoch:
 def _step(state: _State, batch: Sequence[dict], features: FeatureFn, out: Path, config: DPOConfig) -> dict:
     t0 = time.perf_counter()
     state.optimizer.zero_grad(set_to_none=True)
-    loss, stats = batch_loss(state.policy, batch, features, config)
-    _check_finite(loss, "loss", state.step + 1, stats, out)
-    grad_norm = float("nan")
-    if loss.requires_grad:  # False only when no caption of the batch is in any pair
+    params = [p for _, p in _trainable(state.policy)]
+    if dist.world_size() == 1:
+        loss, stats = batch_loss(state.policy, batch, features, config)
+        _check_finite(loss, "loss", state.step + 1, stats, out)
+    else:  # the whole batch's loss, the same on every process: all stop together
+        loss, stats = _shared_loss(state.policy, batch, features, config)
+        _check_finite(torch.tensor(stats["loss"]), "loss", state.step + 1, stats, out)
+    if loss.requires_grad:  # False only when no caption of the (local) batch is in any pair
         loss.backward()
-        params = [p for _, p in _trainable(state.policy)]
+    grad_norm = float("nan")
+    if dist.all_reduce_grads(params, average=False):  # summed: each process's loss is its share
         clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         _check_finite(grad_norm, "gradient norm", state.step + 1, stats, out)

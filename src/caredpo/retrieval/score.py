@@ -17,8 +17,10 @@ from typing import Any, Protocol
 import torch
 
 from ..records import Dataset, DataError
-from .metrics import retrieval_metrics, twin_accuracy
 from .model import Retriever
+from .search import SearchConfig, embedding_metrics
+
+CANDIDATE_CHUNK = 8192  # videos encoded per Scorer.candidates call in evaluate (bounds feature memory)
 
 
 class GlobalFeatures(Protocol):
@@ -120,12 +122,14 @@ def reference_captions(dataset: Dataset, split: str = "test", seed: int = 0,
 
 def evaluate(model: Retriever, dataset: Dataset, features: GlobalFeatures,
              captions: Mapping[str, str | None] | None, split: str = "test",
-             queries: Mapping[str, list[str]] | None = None, scorer: Scorer | None = None) -> dict[str, Any]:
+             queries: Mapping[str, list[str]] | None = None, scorer: Scorer | None = None,
+             search: SearchConfig = SearchConfig()) -> dict[str, Any]:
     """t2v / v2t metrics and twin-group accuracy on a split.
 
     captions: video id -> auxiliary caption (None / missing: no caption); ignored by a model
     without captions. queries: {video id: [sentence, ...]} replacing the built-in queries.
     Pass a `Scorer` to reuse its cached query vectors across calls with the same model.
+    search: galleries above `search.exact_max` videos are ranked with FAISS (same ranks).
     """
     vids, texts, q2v = split_queries(dataset, split, queries)
     caps = [captions.get(v) for v in vids] if captions is not None else None
@@ -136,10 +140,12 @@ def evaluate(model: Retriever, dataset: Dataset, features: GlobalFeatures,
     # oracle one; counted so a results table can show it.
     leaks = sum(1 for i, c in enumerate(caps or []) if c is not None and c in own.get(i, ()))
     scorer = scorer or Scorer(model)
-    sim = scorer.similarity(texts, features.global_feats(vids), caps)
+    cands = torch.cat([scorer.candidates(features.global_feats(vids[i:i + CANDIDATE_CHUNK]),
+                                         caps[i:i + CANDIDATE_CHUNK] if caps is not None else None)
+                       for i in range(0, len(vids), CANDIDATE_CHUNK)])
     groups = [dataset.by_id[v].group for v in vids]
-    out: dict[str, Any] = dict(retrieval_metrics(sim, q2v))
-    out.update(twin_acc=twin_accuracy(sim, q2v, groups), split=split, n_videos=len(vids),
+    out: dict[str, Any] = embedding_metrics(scorer.queries(texts), cands, q2v, groups, search)
+    out.update(split=split, n_videos=len(vids),
                n_queries=len(texts), captioned=sum(c is not None for c in caps or []),
                caption_equals_query=leaks, variant=model.config.variant)
     return out

@@ -7,6 +7,11 @@ ones a lot). The query sentence itself is never its auxiliary caption, and only 
 used, so no test query can be an auxiliary caption.
 
 Batches and draws are a pure function of (seed, epoch, step): a resumed run sees the same data.
+
+Under `torchrun` (see `caredpo.dist`) every process draws the same global batch, encodes its
+contiguous share, and all-gathers the embeddings with gradient, so each process's InfoNCE runs over
+the whole batch (all negatives); averaged gradients then equal one process's on the same batch.
+Only rank 0 evaluates and writes logs, checkpoints and the model.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .. import dist
 from ..io import append_jsonl, read_json, write_json
 from ..records import DataError, Dataset
 from .loss import info_nce
@@ -44,6 +50,7 @@ class RetrieverTrainConfig:
     save_every: int = 50  # steps between checkpoints (0: only at the end)
     seed: int = 0
     device: str = "cpu"  # torch device of the model ("cuda" where there is one)
+    dropout: bool = True  # encoder dropout while training; False: any world size gives the same weights
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_groups < 1:
@@ -142,16 +149,37 @@ def _set_lr(opt: torch.optim.Optimizer, cfg: RetrieverTrainConfig, step: int) ->
 
 def train_step(model: Retriever, opt: torch.optim.Optimizer, cfg: RetrieverTrainConfig,
                queries: list[str], feats: torch.Tensor, captions: list[str | None], step: int) -> float:
-    model.train()
-    q, c, scale = model(queries, feats, captions if model.config.use_caption else None)
+    """One step on the global batch (queries, feats, captions); under torchrun each process encodes
+    its share and the loss, the same on every process, covers the gathered whole."""
+    model.train(cfg.dropout)
+    q, c, scale = _batch_embeddings(model, queries, feats, captions if model.config.use_caption else None)
     loss = info_nce(q, c, scale)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    dist.all_reduce_grads(params, average=True)  # no-op in one process
     if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     _set_lr(opt, cfg, step)
     opt.step()
     return float(loss.detach())
+
+
+def _batch_embeddings(model: Retriever, queries: list[str], feats: torch.Tensor,
+                      captions: list[str | None] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query [B, H], candidate [B, H], scale) of the global batch; rows of other processes are
+    gathered with gradient (their backward all-reduces, see `dist.gather_with_grad`)."""
+    if dist.world_size() == 1:
+        return model(queries, feats, captions)
+    mine = dist.shard_slice(len(queries))
+    if mine.stop > mine.start:
+        q, c, scale = model(queries[mine], feats[mine], captions[mine] if captions is not None else None)
+        both = torch.cat([q, c], dim=1)  # one gather for both sides: [b, 2H]
+    else:  # fewer items than processes: an empty share still takes part in the gather's backward
+        scale = model.logit_scale()
+        both = torch.zeros(0, 2 * model.hidden_size, device=scale.device, requires_grad=True)
+    both = dist.gather_with_grad(both, dist.shard_sizes(len(queries)))
+    return *both.split(model.hidden_size, dim=1), scale
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
@@ -203,10 +231,12 @@ def train_retriever(cfg: RetrieverTrainConfig, dataset: Dataset, features: Globa
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "train_config.json", asdict(cfg))
+    if dist.is_main():
+        write_json(out / "train_config.json", asdict(cfg))
     torch.manual_seed(cfg.seed)
     state = load_checkpoint(out, cfg) if resume else None
-    model = (state[0] if state else Retriever(cfg.model)).to(cfg.device)
+    model = (state[0] if state else Retriever(cfg.model)).to(dist.device(cfg.device))
+    dist.broadcast_tensors([*model.parameters(), *model.buffers()])  # every process starts from rank 0's
     opt = make_optimizer(model, cfg)
     if state:
         opt.load_state_dict(state[1])  # after .to(device): the state follows the parameters
@@ -218,13 +248,16 @@ def train_retriever(cfg: RetrieverTrainConfig, dataset: Dataset, features: Globa
     total = cfg.max_steps or per_epoch * cfg.epochs
     if eval_captions is None and cfg.model.use_caption:
         eval_captions = reference_captions(dataset, cfg.eval_split, seed=cfg.seed)
-    emit = log or (lambda s: None)
+    emit = (log if dist.is_main() else None) or (lambda s: None)
     emit(f"retriever {cfg.model.variant} ({cfg.model.video_pooling} pooling): {len(ids)} videos, {len(groups)} groups, {total} steps"
-         + (f", resuming at step {step}" if step else ""))
+         + (f", resuming at step {step}" if step else "")
+         + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
     metrics = _loop(cfg, model, opt, dataset, features, feats, groups, caption_pool, eval_captions,
-                    step, total, per_epoch, out, emit, progress)
-    model.save_pretrained(out / "model")
-    write_json(out / "metrics.json", metrics)
+                    step, total, per_epoch, out, emit, progress and dist.is_main())
+    if dist.is_main():
+        model.save_pretrained(out / "model")
+        write_json(out / "metrics.json", metrics)
+    dist.barrier()  # the model folder exists for every process on return
     return model, metrics
 
 
@@ -244,6 +277,8 @@ def _loop(cfg, model, opt, dataset, features, feats, groups, pool, eval_captions
             loss = train_step(model, opt, cfg, queries, torch.stack([feats[v] for v in batch]), captions, step)
             step += 1
             bar.update(task, advance=1, loss=f"{loss:.3f}")
+            if not dist.is_main():  # rank 0 alone evaluates and writes; the others go on to the next step
+                continue
             append_jsonl(out / "log.jsonl", [{"step": step, "epoch": epoch, "loss": loss}])
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
                 metrics = evaluate(model, dataset, features, eval_captions, cfg.eval_split)

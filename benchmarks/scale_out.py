@@ -1,0 +1,221 @@
+"""Scale-out benchmark: DG-DPO steps/s with 1 vs 2 processes; exact torch vs FAISS search at 1M.
+
+    python benchmarks/scale_out.py [--run runs/default-s0] [--steps 4] [--repeats 3]
+                                   [--gallery 1000000] [--hnsw] [--skip-dpo] [--skip-search]
+
+1. DG-DPO: the run's SFT captioner (SmolLM2-135M, LoRA on the top layers + projector) on the run's
+   preference groups, 2 twin groups a step (the same global batch in both arms), gloo, one torch
+   thread per process; both arms are started with torch.multiprocessing.spawn, so start-up is
+   alike and untimed. Step time = median over the steps after one warm-up step (rank 0's, its
+   collectives included); steps/s = median over repeats. On 2 free cores the 2-process arm could
+   approach 2x; on a shared machine it gets what the other jobs leave. Without the run's files
+   a tiny random captioner on synthetic groups stands in (the numbers then say little).
+2. Search: 1000 queries vs a clustered gallery of unit vectors (384-d, like MiniLM embeddings),
+   top-10: torch exact (matmul + topk in chunks), FAISS IndexFlatIP (exact), FAISS HNSW32 only with
+   --hnsw (its build takes minutes at 1M); recall@10 against exact. Then the evaluation's
+   pessimistic ranks: exact chunked count vs FAISS top-100 + exact count for the rest (they must agree).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DIM, K, QUERIES = 384, 10, 1000
+PEAK_GFLOPS = 400.0  # fp32 matmul on this 2-core machine, 2 threads (DESIGN.md)
+
+
+# ---------------------------------------------------------------- DG-DPO, 1 vs 2 processes
+
+def _dpo_inputs(run: Path | None):
+    """(policy, preference rows, features fn): the run's captioner and groups, or tiny stand-ins."""
+    from caredpo.dpo.train import load_groups
+
+    if run is not None:
+        from caredpo.captioner.model import VideoCaptioner
+        from caredpo.features import FeatureStore
+
+        policy = VideoCaptioner.from_pretrained(run / "captioner" / "sft")
+        policy.set_trainable()
+        return policy, load_groups(run / "prefs" / "groups.jsonl"), FeatureStore.load(run / "data" / "features").grid_feats
+    return _tiny_inputs()
+
+
+def _tiny_inputs():
+    from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
+
+    torch.manual_seed(0)
+    policy = VideoCaptioner(CaptionerConfig(lm="tiny", feature_dim=64, num_frames=4, projector_hidden=64, lora_layers=-1))
+    policy.set_trainable()
+    ids = [f"g{g}v{i}" for g in range(8) for i in range(4)]
+    table = dict(zip(ids, torch.randn(len(ids), 4, 4, 64)))
+    caps = ["a red circle moves left", "a red circle moves right", "a blue square", "a ball bounces twice"]
+    rows = [{"video_id": v, "group": v[:2], "captions": caps, "rewards": [0.1, 0.4, 0.2, 0.3],
+             "ref_logps": [-20.0] * 4, "best": 1, "negatives": [u for u in ids if u[:2] == v[:2] and u != v],
+             "ref_cross_logps": [-21.0] * 3} for v in ids]
+    return policy, rows, lambda vs: torch.stack([table[v] for v in vs])
+
+
+def _dpo_worker(rank: int, world: int, port: int, run: str | None, out: str, steps: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
+    import caredpo.dpo.train as trainer
+    from caredpo import dist
+
+    cpu: list[float] = []
+    step = trainer._step
+
+    def timed_step(*a, **kw):  # CPU seconds of this process per step: the work each process does
+        t0 = time.process_time()
+        out = step(*a, **kw)
+        cpu.append(time.process_time() - t0)
+        return out
+
+    trainer._step = timed_step
+    with dist.session():
+        policy, rows, feats = _dpo_inputs(Path(run) if run else None)
+        cfg = trainer.DPOConfig(groups_per_batch=2, max_steps=steps + 1, checkpoint_every=10**6, lr=1e-5)
+        trainer.train_dpo(policy, rows, feats, out, cfg, show_progress=False)
+        Path(out, f"cpu{dist.rank()}.json").write_text(json.dumps(cpu[1:]))
+        if dist.is_main():
+            times = [r["time_s"] for r in trainer.metrics_rows(out)][1:]  # the first step warms up
+            Path(out, "step_times.json").write_text(json.dumps(times))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dpo_rows(run: Path | None, steps: int, repeats: int) -> list[tuple[int, float, float, list[float]]]:
+    """[(processes, median step s over repeats, median CPU s a step per process, per-repeat medians)]."""
+    import torch.multiprocessing as mp
+
+    out = []
+    for world in (1, 2):
+        medians, cpu = [], []
+        for rep in range(repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                mp.spawn(_dpo_worker, args=(world, _free_port(), str(run) if run else None, tmp, steps),
+                         nprocs=world, join=True)
+                medians.append(statistics.median(json.loads(Path(tmp, "step_times.json").read_text())))
+                cpu += [statistics.median(json.loads(Path(tmp, f"cpu{r}.json").read_text())) for r in range(world)]
+        out.append((world, statistics.median(medians), statistics.median(cpu), medians))
+    return out
+
+
+# ---------------------------------------------------------------- search at scale
+
+def unit(n: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.standard_normal((n, DIM), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered(n_gallery: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(queries [1000, D], gallery [V, D], truth [1000]): clustered like real embeddings, each query
+    near its ground-truth item."""
+    rng = np.random.default_rng(seed)
+    centres = unit(1024, rng)
+    gallery = centres[rng.integers(0, 1024, n_gallery)]
+    for i in range(0, n_gallery, 100_000):  # in place, in slices: no second 1.5 GB temporary
+        gallery[i:i + 100_000] += 0.5 * unit(min(100_000, n_gallery - i), rng)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    truth = rng.integers(0, n_gallery, QUERIES)
+    queries = gallery[truth] + 0.3 * unit(QUERIES, rng)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    return torch.from_numpy(queries), torch.from_numpy(gallery), torch.from_numpy(truth).long()
+
+
+def timed(fn, repeats: int):
+    """(median seconds, last result)."""
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def search_rows(n_gallery: int, repeats: int, hnsw: bool) -> tuple[list[tuple], tuple]:
+    """[(method, build s, search s, recall@10)], and (ranks: torch s, FAISS s, agree)."""
+    from caredpo.retrieval.search import (SearchConfig, _counted_ranks, build_index, search_index, t2v_ranks,
+                                          topk)
+
+    q, g, truth = clustered(n_gallery)
+    exact_cfg = SearchConfig(exact_max=n_gallery)
+    t_exact, (_, exact) = timed(lambda: topk(q, g, K, exact_cfg), repeats)
+    rows = [("torch exact (matmul + topk)", 0.0, t_exact, 1.0)]
+    methods = [("faiss IndexFlatIP (exact)", SearchConfig(exact_max=0))]
+    if hnsw:
+        methods.append(("faiss HNSW32 (efSearch=64)", SearchConfig(exact_max=0, index="hnsw")))
+    for name, cfg in methods:
+        t0 = time.perf_counter()
+        index = build_index(g, cfg)
+        built = time.perf_counter() - t0
+        sec, (_, found) = timed(lambda: search_index(index, q, K, cfg.chunk), repeats)
+        recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(found, exact)])
+        rows.append((name, built, sec, float(recall)))
+        del index
+    t_count, by_count = timed(lambda: _counted_ranks(q, g, truth, 4096), 1)
+    t_faiss, by_faiss = timed(lambda: t2v_ranks(q, g, truth, SearchConfig(exact_max=0)), 1)
+    return rows, (t_count, t_faiss, bool(torch.equal(by_count, by_faiss)), float(by_count.float().median()))
+
+
+# ---------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, default=Path("runs/default-s0"), help="a finished run (captioner, prefs)")
+    ap.add_argument("--steps", type=int, default=4, help="timed DG-DPO steps per repeat (after 1 warm-up)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gallery", type=int, default=1_000_000)
+    ap.add_argument("--threads", type=int, default=2, help="threads of the search part")
+    ap.add_argument("--hnsw", action="store_true", help="also build HNSW32 (minutes at 1M)")
+    ap.add_argument("--skip-dpo", action="store_true")
+    ap.add_argument("--skip-search", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_dpo:
+        run = args.run if (args.run / "prefs" / "groups.jsonl").exists() else None
+        what = f"{run}: SFT captioner, its preference groups" if run else "tiny random captioner (no run found)"
+        print(f"DG-DPO, {what}; 2 twin groups a step, gloo, 1 thread a process; "
+              f"median step of {args.steps} (after 1 warm-up), median of {args.repeats} repeats", flush=True)
+        rows = dpo_rows(run, args.steps, args.repeats)
+        base = rows[0][1]
+        print(f"{'processes':>9s} {'step s':>8s} {'steps/s':>8s} {'groups/s':>9s} {'speed-up':>9s} "
+              f"{'CPU s/step/proc':>16s}  per-repeat medians")
+        for world, sec, cpu, medians in rows:
+            print(f"{world:9d} {sec:8.2f} {1 / sec:8.3f} {2 / sec:9.3f} {base / sec:8.2f}x {cpu:16.2f}  "
+                  + " ".join(f"{m:.2f}" for m in medians), flush=True)
+        print(f"machine load while measured (1-min average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if not args.skip_search:
+        import faiss
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
+        rows, (t_count, t_faiss, agree, median_rank) = search_rows(args.gallery, args.repeats, args.hnsw)
+        flop = 2 * QUERIES * args.gallery * DIM
+        print(f"\nsearch {QUERIES} queries x {args.gallery:,} x {DIM}-d gallery, top-{K}, {args.threads} threads "
+              f"(median of {args.repeats}); GFLOP/s against the ~{PEAK_GFLOPS:.0f} fp32 peak")
+        print(f"{'method':30s} {'build s':>8s} {'search s':>9s} {'GFLOP/s':>8s} {'recall@10':>10s}")
+        for name, built, sec, recall in rows:  # GFLOP/s only where the whole product is computed
+            rate = f"{flop / sec / 1e9:8.0f}" if "HNSW" not in name else f"{'-':>8s}"
+            print(f"{name:30s} {built:8.1f} {sec:9.2f} {rate} {recall:10.3f}")
+        print(f"pessimistic ranks (evaluation): exact chunked count {t_count:.2f} s, FAISS top-100 + count "
+              f"{t_faiss:.2f} s; identical: {agree} (median rank {median_rank:.0f})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""Real Hugging Face video MLLMs (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) behind the `Captioner` protocol.
+
+The model is loaded from a local folder (`from_pretrained(path)`); its family comes from
+`config.model_type` (see `hf_families.FAMILIES`). Visual input (`features` in the protocol) is raw
+frames, uint8 [B, T, 3, H, W] as `VideoFrames(ids)` returns them (float in [0, 1] works too), so the
+DG-DPO trainer's `features(ids)` / `feats[rows]` work unchanged. Sequence seen by the LM:
+
+    <chat head> [N visual tokens from the vision tower] <prompt, assistant turn>  caption  <|im_end|>
+
+As in our own captioner (`model.py`), the prefix is run once per distinct clip (the vision tower
+under no_grad: it is frozen), its KV cache is reused for every caption of that clip, and the LM
+head is applied only where a caption token is predicted. LoRA (peft) sits on the language model's
+attention projections only; everything else stays frozen. bf16 on CUDA, float32 on CPU.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..io import write_json
+from ..records import DataError
+from . import hf_families as fam
+from .model import _replace_dir, pick_tokens
+
+FORMAT = "caredpo-hf-captioner-v1"
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class HFCaptionerConfig:
+    model_path: str  # local folder of the base model: config.json, weights, tokenizer files
+    num_frames: int = 8  # T frames per clip (Qwen pads T up to a multiple of its temporal patch, 2)
+    frame_size: int = 0  # square frame side S fed to the vision tower; 0: the family's default
+    prompt: str = "Describe the video in one sentence."  # the user turn's text after the video
+    fps: float = 2.0  # Qwen2.5-VL only: frames per second of the sampled frames (temporal RoPE spacing)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ATTENTION_TARGETS  # module names inside the LM's attention blocks
+    dtype: str = "auto"  # key of DTYPES; auto = bfloat16 on CUDA, float32 on CPU
+    seed: int = 0  # LoRA initialisation
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        checks = {"model_path": bool(self.model_path), "num_frames": self.num_frames >= 1,
+                  "frame_size": self.frame_size >= 0, "fps": self.fps > 0, "lora_rank": self.lora_rank >= 1,
+                  "lora_dropout": 0.0 <= self.lora_dropout < 1.0, "dtype": self.dtype in DTYPES,
+                  "lora_targets": bool(self.lora_targets) and all(re.fullmatch(r"\w+", t) for t in self.lora_targets)}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"HFCaptionerConfig.{name} is invalid: {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HFCaptionerConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class HFVideoCaptioner(nn.Module):
+    """Implements `caredpo.captioner.base.Captioner` on a local HF video MLLM (+ LoRA)."""
+
+    def __init__(self, config: HFCaptionerConfig, device: str | torch.device | None = None, model=None,
+                 tokenizer=None):
+        super().__init__()
+        path = Path(config.model_path).expanduser()
+        self.config, self.spec = config, fam.family(path)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if model is None:
+            model, tokenizer = _load(path, self.spec, config, device)
+        model.requires_grad_(False)
+        self.lm = _add_lora(model, config).to(device)
+        base = self.lm.get_base_model()
+        self.hf_config, self.inner = base.config, base.model
+        self.text, self.embed = base.model.language_model, base.get_input_embeddings()
+        self.lm_head = base.get_output_embeddings()
+        self.tokenizer = tokenizer
+        self.frame_size = config.frame_size or self.spec.default_size(self.hf_config)
+        problem = self.spec.size_problem(self.hf_config, self.frame_size)
+        if problem:
+            raise DataError(f"{path}: frame_size {self.frame_size} {problem}")
+        self.mean, self.std = fam.norm_stats(path, self.spec)
+        self._build_prompt(path)
+        self._set_special_ids(path)
+
+    def _token_id(self, token: str, path: Path) -> int:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise DataError(f"{path}: the tokenizer has no {token} token")
+        return tid
+
+    def _build_prompt(self, path: Path) -> None:
+        """Prompt ids (head, N video tokens, tail) and their positions, fixed by (T, S)."""
+        spec, cfg = self.spec, self.hf_config
+        vid = getattr(cfg, spec.video_token_attr)
+        if self._token_id(spec.video_token, path) != vid:
+            raise DataError(f"{path}: tokenizer maps {spec.video_token} to "
+                             f"{self._token_id(spec.video_token, path)}, the config says {vid}")
+        text = spec.template.replace("{video}", spec.video_token).replace("{prompt}", self.config.prompt)
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if ids.count(vid) != 1:
+            raise DataError(f"{path}: the prompt must hold {spec.video_token} once, got {ids.count(vid)}")
+        cut = ids.index(vid)
+        self.num_video_tokens = spec.num_video_tokens(cfg, self.config.num_frames, self.frame_size)
+        full = torch.tensor([ids[:cut] + [vid] * self.num_video_tokens + ids[cut + 1:]], device=self.device)
+        self.register_buffer("head_ids", full[0, :cut], persistent=False)
+        self.register_buffer("tail_ids", full[0, cut + self.num_video_tokens:], persistent=False)
+        pos = spec.prefix_positions(self.inner, full, cfg, self.config.num_frames, self.frame_size, self.config.fps)
+        pos = torch.arange(full.shape[1], device=self.device)[None] if pos is None else pos  # [(3,) 1, P]
+        self.register_buffer("prefix_pos", pos, persistent=False)
+        self.next_pos = int(pos[..., -1].max()) + 1  # the first caption token's (text) position
+
+    def _set_special_ids(self, path: Path) -> None:
+        """End-of-turn (appended to captions), stop tokens of sampling, padding."""
+        self.end_id = self._token_id(self.spec.end_token, path)
+        eos = self.tokenizer.eos_token_id
+        self.stop_ids = sorted({self.end_id} | ({eos} if eos is not None else set()))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = self.end_id if pad is None else pad
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def set_trainable(self, lora: bool = True) -> None:
+        """The base model always stays frozen; LoRA trains or not."""
+        for name, p in self.lm.named_parameters():
+            p.requires_grad_(lora and "lora_" in name)
+
+    def frames(self, dataset, max_cached: int = 256) -> "VideoFrames":
+        """The visual-input callable for `dataset`'s videos at this model's T and S."""
+        return VideoFrames(dataset, self.config.num_frames, self.frame_size, max_cached)
+
+    # ------------------------------------------------------------ prefix
+
+    def _frames(self, features: torch.Tensor) -> torch.Tensor:
+        """Check [B, T, 3, H, W], subsample frames evenly to num_frames."""
+        T = self.config.num_frames
+        if features.dim() != 5 or features.shape[2] != 3:
+            raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(features.shape)}")
+        if features.shape[1] < T:
+            raise ValueError(f"frames have {features.shape[1]} frames, the captioner needs {T}")
+        if features.shape[1] > T:
+            features = features[:, torch.linspace(0, features.shape[1] - 1, T).round().long()]
+        return features
+
+    def prefill(self, frames: torch.Tensor):
+        """Run the prefix of distinct clips [U, T, 3, H, W]: (last hidden state [U, d], KV cache)."""
+        from transformers import DynamicCache
+
+        x = fam.normalise(frames.to(self.device), self.frame_size, self.mean, self.std).to(self.dtype)
+        with torch.no_grad():  # the vision tower is frozen: keep no activations for it
+            vis = self.spec.video_embeds(self.inner, self.spec.vision_inputs(self.hf_config, x))  # [U, N, d]
+        U, N = vis.shape[:2]
+        if N != self.num_video_tokens:
+            raise RuntimeError(f"vision tower gave {N} tokens a clip, the prompt holds {self.num_video_tokens}")
+        emb = torch.cat([self.embed(self.head_ids).expand(U, -1, -1), vis.to(self.dtype),
+                         self.embed(self.tail_ids).expand(U, -1, -1)], 1)
+        pos = self.prefix_pos.expand(*self.prefix_pos.shape[:-2], U, -1)
+        cache = DynamicCache(config=self.text.config)
+        out = self.text(inputs_embeds=emb, position_ids=pos, cache=cache, use_cache=True)
+        return out.last_hidden_state[:, -1], cache
+
+    def _extend(self, ids: torch.Tensor, cache, offset: int) -> torch.Tensor:
+        """Text tokens ids [R, L] after the prefix (+ offset earlier ones) -> hidden [R, L, d]."""
+        pos = (self.next_pos + offset + torch.arange(ids.shape[1], device=self.device)).expand(ids.shape[0], -1)
+        return self.text(input_ids=ids, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
+
+    # ------------------------------------------------------------ log-probs
+
+    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption ids + end-of-turn token, right-padded: ids [N, L], mask [N, L] (bool)."""
+        rows = [self.tokenizer(c, add_special_tokens=False).input_ids + [self.end_id] for c in captions]
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+        return ids.to(self.device), mask.to(self.device)
+
+    def token_logprobs(self, features: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of each caption token (end token included) given clip + prompt: ([N, L], mask).
+        Right padding needs no attention mask: a real token never attends to the pads after it."""
+        if features.shape[0] != len(captions):
+            raise ValueError(f"{features.shape[0]} videos but {len(captions)} captions")
+        ids, mask = self.encode_captions(captions)
+        uniq, inv = distinct_rows(self._frames(features))
+        last, cache = self.prefill(uniq)
+        if uniq.shape[0] != len(captions) or not torch.equal(inv, torch.arange(len(inv))):
+            inv = inv.to(self.device)  # one cache row per caption
+            cache.batch_select_indices(inv)
+            last = last[inv]
+        hidden = last[:, None]  # the prefix's last position predicts caption token 0
+        if ids.shape[1] > 1:
+            hidden = torch.cat([hidden, self._extend(ids[:, :-1], cache, 0)], 1)
+        logits = self.lm_head(hidden[mask]).float()  # [M, V]: real caption positions only
+        lp = logits.log_softmax(-1).gather(1, ids[mask][:, None])[:, 0]
+        full = torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device)
+        full[mask] = lp
+        return full, mask
+
+    def logprob(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Summed log p(caption + end token | clip, prompt) -> [B]. Differentiable w.r.t. LoRA."""
+        return self.token_logprobs(features, captions)[0].sum(1)
+
+    # ------------------------------------------------------------ sampling
+
+    seeds_per_video = True  # generate() takes one seed per clip (see Captioner.generate)
+
+    @torch.inference_mode()
+    def generate(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> list[list[str]]:
+        """n captions per clip; temperature 0 = greedy. Same seed -> same captions: one uniform per
+        row and step, drawn for the whole batch from one seed, or per clip from its own seed (a
+        clip's captions then do not depend on the rest of the batch), as in our own captioner."""
+        if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError("need n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+        B = features.shape[0]
+        per_clip = seed is not None and not isinstance(seed, int)
+        if per_clip and len(seed) != B:
+            raise ValueError(f"{len(seed)} seeds for {B} videos")
+        gen = None if seed is None or per_clip else torch.Generator(self.device).manual_seed(seed)
+        table = _clip_uniforms(seed, n, max_new_tokens).to(self.device) if per_clip else None
+        uniq, inv = distinct_rows(self._frames(features))
+        h, cache = self.prefill(uniq)
+        rows = inv.repeat_interleave(n).to(self.device)  # row b*n + j: sample j of clip b
+        cache.batch_select_indices(rows)
+        tokens = self._sample(h[rows], cache, temperature, top_p, max_new_tokens, gen, table)
+        texts = [self._decode(r) for r in tokens.tolist()]
+        return [texts[i * n:(i + 1) * n] for i in range(B)]
+
+    def _sample(self, h, cache, temperature, top_p, max_new_tokens, gen, table=None) -> torch.Tensor:
+        """From prefix hidden states h [R, d] -> token ids [R, max_new_tokens] (end-filled).
+        Uniforms: row r at step t uses table[r, t] when given, else one draw of `gen` per row."""
+        R = h.shape[0]
+        tokens = torch.full((R, max_new_tokens), self.end_id, dtype=torch.long, device=self.device)
+        active, stop = torch.arange(R, device=self.device), torch.tensor(self.stop_ids, device=self.device)
+        for step in range(max_new_tokens):
+            u = table[active, step] if table is not None else torch.rand(R, generator=gen, device=self.device)[active]
+            nxt = pick_tokens(self.lm_head(h), temperature, top_p, u)
+            tokens[active, step] = nxt
+            keep = ~torch.isin(nxt, stop)
+            if step == max_new_tokens - 1 or not keep.any():
+                break
+            if not keep.all():  # finished rows leave the batch and its cache
+                active, nxt = active[keep], nxt[keep]
+                cache.batch_select_indices(keep.nonzero()[:, 0])
+            h = self._extend(nxt[:, None], cache, step)[:, -1]
+        return tokens
+
+    def _decode(self, row: list[int]) -> str:
+        ends = [i for i, t in enumerate(row) if t in self.stop_ids]
+        return self.tokenizer.decode(row[:ends[0]] if ends else row, skip_special_tokens=True).strip()
+
+    # ------------------------------------------------------------ save / load
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """config.json (our format: the base model's path + settings) + adapter/ (peft LoRA).
+        The base weights are not copied: they stay where config.model_path points."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            write_json(tmp / "config.json", {"format": FORMAT, "model_type": self.hf_config.model_type,
+                                             "captioner": asdict(self.config)})
+            self.lm.save_pretrained(tmp / "adapter")
+            _replace_dir(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, adapter: str | Path | None = None,
+                        device: str | torch.device | None = None, **overrides) -> "HFVideoCaptioner":
+        """A local HF model folder (fresh LoRA, or `adapter`), or a folder we saved (base + its
+        adapter; a DPO run folder with model/ inside works too). overrides: HFCaptionerConfig fields."""
+        path = Path(path).expanduser()
+        if _saved_meta(path / "model"):
+            path = path / "model"
+        meta = _saved_meta(path)
+        if meta:
+            cfg = HFCaptionerConfig.from_dict({**meta["captioner"], **overrides})
+            adapter = adapter or path / "adapter"
+        else:
+            cfg = HFCaptionerConfig(model_path=str(path.resolve()), **overrides)  # saved: absolute
+        model = cls(cfg, device=device)
+        if adapter is not None:
+            model.load_adapter(adapter)
+        return model
+
+    def load_adapter(self, path: str | Path) -> None:
+        """LoRA weights from a peft adapter folder (or a saved captioner folder's adapter/)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        path = path / "adapter" if (path / "adapter").is_dir() else path
+        file = path / "adapter_model.safetensors"
+        if not file.exists():
+            raise DataError(f"{path}: no adapter_model.safetensors (not a LoRA adapter folder)")
+        res = set_peft_model_state_dict(self.lm, load_file(str(file)))
+        if getattr(res, "unexpected_keys", None):
+            raise DataError(f"{path}: adapter does not fit the model ({res.unexpected_keys[:3]} ...)")
+
+
+# ---------------------------------------------------------------- visual input
+
+class VideoFrames:
+    """ids -> uint8 frames [B, T, 3, S, S], decoded with PyAV (`caredpo.video.read_frames`: T
+    uniformly sampled frames, centre crop, resize). The last `max_cached` clips stay in memory
+    (per process; 8 x 3 x 336 x 336 bytes = 2.7 MB a clip), since DPO revisits the same videos."""
+
+    def __init__(self, dataset, num_frames: int, size: int, max_cached: int = 256):
+        if num_frames < 1 or size < 1 or max_cached < 0:
+            raise ValueError("VideoFrames: need num_frames >= 1, size >= 1, max_cached >= 0")
+        self.dataset, self.num_frames, self.size, self.max_cached = dataset, num_frames, size, max_cached
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def clip(self, vid: str) -> torch.Tensor:
+        from ..video import read_frames
+
+        if vid in self._cache:
+            self._cache.move_to_end(vid)
+            return self._cache[vid]
+        path = self.dataset.video_path(self.dataset.by_id[vid])
+        x = torch.from_numpy(read_frames(path, self.num_frames, self.size)).permute(0, 3, 1, 2)  # [T, 3, S, S]
+        if self.max_cached:
+            self._cache[vid] = x
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        return x
+
+    def __call__(self, ids: Sequence[str]) -> torch.Tensor:
+        return torch.stack([self.clip(v) for v in ids])
+
+
+# ---------------------------------------------------------------- helpers
+
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct rows of x in first-seen order, index of each row's distinct row). Exact equality
+    against the rows kept so far: a batch holds few clips, and frames are too big to sort."""
+    keep: list[int] = []
+    inv = []
+    for i in range(x.shape[0]):
+        j = next((k for k, r in enumerate(keep) if torch.equal(x[r], x[i])), None)
+        if j is None:
+            keep.append(i)
+            j = len(keep) - 1
+        inv.append(j)
+    return x[keep], torch.tensor(inv, dtype=torch.long)
+
+
+def _clip_uniforms(seeds: Sequence[int], n: int, steps: int) -> torch.Tensor:
+    """[len(seeds) * n, steps] sampling uniforms; clip i's n rows come from its own seed only."""
+    return torch.cat([torch.rand(n, steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def _saved_meta(path: Path) -> dict | None:
+    f = path / "config.json"
+    if not f.is_file():
+        return None
+    meta = json.loads(f.read_text())
+    return meta if meta.get("format") == FORMAT else None
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if DTYPES[name] is not None:
+        return DTYPES[name]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _load(path: Path, spec: fam.FamilySpec, cfg: HFCaptionerConfig, device: torch.device):
+    """(model, tokenizer) from the local folder; weights go straight to a CUDA device."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    model_cls = getattr(transformers, spec.model_class)
+    extra = {"device_map": str(device)} if device.type == "cuda" else {}
+    model = model_cls.from_pretrained(path, dtype=_dtype(cfg.dtype, device), **extra)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _add_lora(model, cfg: HFCaptionerConfig):
+    """LoRA on the language model's attention projections only (the regex keeps the vision
+    tower's own q/k/v projections out)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = rf".*language_model.*\.({'|'.join(cfg.lora_targets)})"
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(model, lora)
