@@ -165,8 +165,28 @@ def test_generate_is_reproducible_under_a_seed(captioners, kind):
     assert any(o != a for o in others)
     greedy = m.generate(f, n=2, temperature=0.0, max_new_tokens=6)
     assert all(g[0] == g[1] for g in greedy)
-    per_clip = m.generate(f, n=2, temperature=1.0, max_new_tokens=6, seed=[11, 12])
-    assert m.generate(f[1:], n=2, temperature=1.0, max_new_tokens=6, seed=[12])[0] == per_clip[1]
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava_onevision"])
+def test_per_video_seeds_make_captions_batch_independent(captioners, kind):
+    """One seed per video: a video's captions are the same alone or batched with other videos
+    (in any order, a clip repeated under another seed included), and `generate._sample` makes one
+    batched call."""
+    from types import SimpleNamespace
+
+    from caredpo.captioner.generate import SamplingConfig, _sample
+
+    m = captioners[kind]
+    f = clips(m, 3, seed=7)
+    kw = dict(n=3, temperature=1.5, max_new_tokens=8)
+    alone = [m.generate(f[i:i + 1], seed=[100 + i], **kw)[0] for i in range(3)]
+    assert len({c for caps in alone for c in caps}) > 3  # the samples do differ
+    assert m.seeds_per_video and m.generate(f, seed=[100, 101, 102], **kw) == alone
+    assert m.generate(f[[2, 0, 0]], seed=[102, 100, 7], **kw)[:2] == [alone[2], alone[0]]
+    assert m.generate(f[[0, 1]], seed=[101, 100], **kw) != alone[:2]  # the seed, not the slot, decides
+    calls = []  # a spy that counts generate calls
+    spy = SimpleNamespace(seeds_per_video=True, generate=lambda x, **k: calls.append(x) or m.generate(x, **k))
+    assert _sample(spy, f, [100, 101, 102], SamplingConfig(**kw)) == alone and len(calls) == 1
 
 
 @pytest.mark.parametrize("kind", FAMILY_NAMES)

@@ -29,7 +29,7 @@ from torch import nn
 from ..io import write_json
 from ..records import DataError
 from . import hf_families as fam
-from .model import _replace_dir, pick_tokens
+from .model import _replace_dir, pick_tokens, video_uniforms
 
 FORMAT = "caredpo-hf-captioner-v1"
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -218,22 +218,22 @@ class HFVideoCaptioner(nn.Module):
 
     # ------------------------------------------------------------ sampling
 
-    seeds_per_video = True  # generate() takes one seed per clip (see Captioner.generate)
+    seeds_per_video = True  # generate() takes one seed per video (see Captioner.generate)
 
     @torch.inference_mode()
     def generate(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> list[list[str]]:
-        """n captions per clip; temperature 0 = greedy. Same seed -> same captions: one uniform per
-        row and step, drawn for the whole batch from one seed, or per clip from its own seed (a
-        clip's captions then do not depend on the rest of the batch), as in our own captioner."""
+        """n captions per clip; temperature 0 = greedy. Same seed -> same captions. As in our own
+        captioner: one int seeds the whole batch; one seed per video (`model.video_uniforms`) makes
+        a video's captions independent of the rest of the batch."""
         if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("need n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
         B = features.shape[0]
-        per_clip = seed is not None and not isinstance(seed, int)
-        if per_clip and len(seed) != B:
+        per_video = seed is not None and not isinstance(seed, int)
+        if per_video and len(seed) != B:
             raise ValueError(f"{len(seed)} seeds for {B} videos")
-        gen = None if seed is None or per_clip else torch.Generator(self.device).manual_seed(seed)
-        table = _clip_uniforms(seed, n, max_new_tokens).to(self.device) if per_clip else None
+        gen = None if seed is None or per_video else torch.Generator(self.device).manual_seed(seed)
+        table = video_uniforms(seed, n, max_new_tokens).to(self.device) if per_video else None
         uniq, inv = distinct_rows(self._frames(features))
         h, cache = self.prefill(uniq)
         rows = inv.repeat_interleave(n).to(self.device)  # row b*n + j: sample j of clip b
@@ -352,8 +352,7 @@ class VideoFrames:
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(distinct rows of x in first-seen order, index of each row's distinct row). Exact equality
     against the rows kept so far: a batch holds few clips, and frames are too big to sort."""
-    keep: list[int] = []
-    inv = []
+    keep, inv = [], []  # indices of the rows kept; each row's index into keep
     for i in range(x.shape[0]):
         j = next((k for k, r in enumerate(keep) if torch.equal(x[r], x[i])), None)
         if j is None:
@@ -361,11 +360,6 @@ def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             j = len(keep) - 1
         inv.append(j)
     return x[keep], torch.tensor(inv, dtype=torch.long)
-
-
-def _clip_uniforms(seeds: Sequence[int], n: int, steps: int) -> torch.Tensor:
-    """[len(seeds) * n, steps] sampling uniforms; clip i's n rows come from its own seed only."""
-    return torch.cat([torch.rand(n, steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 def _saved_meta(path: Path) -> dict | None:
