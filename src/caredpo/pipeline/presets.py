@@ -85,15 +85,18 @@ def _smoke(seed: int) -> RunConfig:
 def _default(seed: int) -> RunConfig:
     # Sized for the 15-minute goal on 2 CPU cores: SFT on 16 captions a step (8 videos x 2), the
     # preference stage and both DPO arms on the first 40 training twin groups (160 clips).
+    # LoRA on all 30 layers: the projector's gradient crosses every layer anyway, so it costs little,
+    # and lower layers learn to read the visual tokens (100-step SFT, 64 test clips, seed 0: right
+    # shape 16 -> 19, background 55 -> 64, direction 0 -> 4; val NLL 1.30 -> 1.11; README).
     return RunConfig(
         preset="default", seed=seed,
         data=TwinClipsConfig.preset("default", seed=seed),
         features=FeatureConfig(num_frames=8, size=128),
-        captioner=CaptionerConfig(lm="smollm2", num_frames=8, seed=seed),
+        captioner=CaptionerConfig(lm="smollm2", num_frames=8, lora_layers=-1, seed=seed),
         sft=SFTConfig(steps=100, videos_per_step=8, captions_per_video=2, lr_projector=2e-3, lr_lora=1e-3,
                       val_every=50, val_videos=16, save_every=25, seed=seed),
-        train_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=24, seed=seed),
-        test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=24, seed=seed),
+        train_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=24, batch_videos=40, seed=seed),
+        test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=24, batch_videos=40, seed=seed),
         retriever=retriever_preset("default"),
         prefs=PrefsConfig(num_samples=4, max_new_tokens=24, max_videos=160, seed=seed),
         dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-4, seed=seed),
