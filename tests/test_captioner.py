@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from caredpo.captioner.base import Captioner
-from caredpo.captioner.generate import (SamplingConfig, direction_correct, generate_captions, load_captions,
-                                        stated_directions)
+from caredpo.captioner.factors import direction_correct, factor_scores, first_mention, stated_directions
+from caredpo.captioner.generate import SamplingConfig, generate_captions, load_captions
 from caredpo.captioner.model import CaptionerConfig, VideoCaptioner, pick_tokens
 from caredpo.captioner.sft import SFTConfig, batch_at, train_sft
 from caredpo.io import read_jsonl
@@ -281,3 +281,23 @@ def test_direction_check(caption, motion, ok):
 def test_direction_check_without_motion_factor():
     assert direction_correct("anything", {}) is None
     assert stated_directions("It moves from right to left, then rises!") == {"right-to-left", "up"}
+
+
+def test_first_mention_skips_background_phrases_and_later_objects():
+    from caredpo.data.grammar import COLOUR_WORDS, SHAPE_WORDS
+
+    caption = "a turquoise plus sign on a green field briefly turns red and a ball enters"
+    assert first_mention(caption, COLOUR_WORDS) == "cyan"  # "green field" is the background
+    assert first_mention(caption, SHAPE_WORDS) == "cross"  # "ball" is a second object, later
+    assert first_mention("a video of red bricks", COLOUR_WORDS) is None
+
+
+def test_factor_scores_by_hand():
+    clip = {"colour": "red", "shape": "circle", "size": "small", "background": "snow", "motion": "up"}
+    rows = [("a small red disc rises over a snowy field", clip),            # all five right
+            ("a big blue circle moves down on the sand", clip),             # shape only
+            ("a tiny red ring on white snow", clip),                        # colour, size, background
+            ("a red square", {"colour": "red", "shape": "square"})]        # no size/background/motion
+    scores = factor_scores(rows)
+    assert scores == {"n": 4, "colour": 75.0, "shape": 75.0, "size": 66.7, "background": 66.7,
+                      "direction": 33.3}

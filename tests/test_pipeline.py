@@ -43,6 +43,12 @@ def test_results_structure_and_ranges(smoke_run):
     meta = results["meta"]
     assert meta["preset"] == "smoke" and meta["seed"] == 0
     assert set(meta["stage_seconds"]) == set(STAGES) and meta["peak_rss_mb"] > 0
+    factors = results["caption_factors"]  # TwinClips clips carry factors: every captioned arm is judged
+    assert set(factors) == {"sft", "dpo", "dg_dpo", "reference"}
+    for scores in factors.values():
+        assert scores["n"] == 12 and all(0.0 <= scores[f] <= 100.0 for f in ("colour", "shape", "direction"))
+    # reference sentences come from the grammar: the first colour/shape word is the clip's own
+    assert factors["reference"]["colour"] == factors["reference"]["shape"] == 100.0
 
 
 def test_outputs_for_people(smoke_run):

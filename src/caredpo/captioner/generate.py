@@ -1,4 +1,4 @@
-"""Write captions for a split to a jsonl file, resumably; and a check of stated motion direction.
+"""Write captions for a split to a jsonl file, resumably (checks of what they state: factors.py).
 
 One row per video: {"video_id", "captions": [n strings], "sampling": {...settings...}}.
 Video v samples with its own seed `video_seed(seed, v)`, so its captions do not depend on the
@@ -14,10 +14,9 @@ processes generates only the missing videos.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import dist
 from ..io import append_jsonl, merge_parts, part_path, part_paths, read_jsonl
@@ -110,56 +109,3 @@ def _sample(model, feats, seeds: Sequence[int], sampling: SamplingConfig) -> lis
 def load_captions(path: str | Path) -> dict[str, list[str]]:
     """video id -> captions, from a captions jsonl."""
     return {row["video_id"]: row["captions"] for row in read_jsonl(path)}
-
-
-# ------------------------------------------------------------------ motion direction check
-
-# TwinClips motion factor -> phrases that state it (the grammar's verb phrases plus a few synonyms).
-# Bare "to the left/right" is left out on purpose: the second object "leaves to the right" too.
-DIRECTION_PHRASES: dict[str, tuple[str, ...]] = {
-    "left-to-right": ("from left to right", "from the left side to the right side", "slides to the right",
-                      "moves to the right", "glides to the right", "travels to the right", "rightward",
-                      "rightwards"),
-    "right-to-left": ("from right to left", "from the right side to the left side", "slides to the left",
-                      "moves to the left", "glides to the left", "travels to the left", "leftward", "leftwards"),
-    "up": ("moves up", "rises", "upward", "upwards", "from the bottom to the top", "goes up", "slides up"),
-    "down": ("moves down", "falls", "downward", "downwards", "from the top to the bottom", "goes down",
-             "slides down", "sinks"),
-    "down-right": ("diagonally down to the right", "from the top left to the bottom right"),
-    "up-left": ("diagonally up to the left", "from the bottom right to the top left"),
-    "up-right": ("diagonally up to the right", "from the bottom left to the top right"),
-    "down-left": ("diagonally down to the left", "from the top right to the bottom left"),
-    "clockwise": ("clockwise",),
-    "anticlockwise": ("anticlockwise", "anti-clockwise", "counterclockwise", "counter-clockwise"),
-    "still": ("stays still", "sits still", "does not move", "doesn't move", "stays in one place",
-              "stationary", "motionless", "stands still"),
-}
-# Longest first; a matched phrase is blanked out, so "counterclockwise" is not also "clockwise"
-# and "diagonally down to the right" is not also read as something shorter.
-_PHRASES = sorted(((p, d) for d, ps in DIRECTION_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
-
-
-def stated_directions(caption: str) -> set[str]:
-    """The motion directions a caption states (none, one, or contradictory several)."""
-    text = " " + re.sub(r"[^a-z' -]+", " ", caption.lower()) + " "
-    found = set()
-    for phrase, name in _PHRASES:
-        if re.search(rf"(?<![a-z-]){re.escape(phrase)}(?![a-z])", text):
-            found.add(name)
-            text = re.sub(rf"(?<![a-z-]){re.escape(phrase)}(?![a-z])", " | ", text)
-    return found
-
-
-def direction_correct(caption: str, factors: Mapping) -> bool | None:
-    """True if the caption states the clip's motion direction and no other; None if the clip's
-    factors have no known direction (not a TwinClips clip)."""
-    truth = factors.get("motion")
-    if truth not in DIRECTION_PHRASES:
-        return None
-    return stated_directions(caption) == {truth}
-
-
-def direction_share(rows: Iterable[tuple[str, Mapping]]) -> tuple[float, int]:
-    """(share of captions stating the right direction, number judged) over (caption, factors)."""
-    verdicts = [v for v in (direction_correct(c, f) for c, f in rows) if v is not None]
-    return (sum(verdicts) / len(verdicts) if verdicts else float("nan")), len(verdicts)

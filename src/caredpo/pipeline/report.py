@@ -3,6 +3,8 @@
 results["arms"][arm][retriever] = {"t2v": {...}, "v2t": {...}, "twin_acc": ...}
   arm        in CAPTION_ARMS (no_caption, sft, dpo, dg_dpo, reference)
   retriever  in ARM_RETRIEVERS[arm] (role / no_role; *_seq = video_pooling "sequence")
+results["caption_factors"][arm] = {"n", "colour", "shape", ...}: % of the arm's test captions that
+  state each clip factor right (`caredpo.captioner.factors`; empty for data without factors)
 """
 from __future__ import annotations
 
@@ -63,9 +65,40 @@ def evaluate_run(run: str | Path, dataset: Dataset, store, queries: Mapping[str,
                                        scorer=scorers[name])
     path = Path(out_path) if out_path else run / RESULTS
     old = read_json(path) if path.exists() else {}
-    results = {**old, "arms": arms, "queries": "custom" if queries else "built-in"}
+    results = {**old, "arms": arms, "queries": "custom" if queries else "built-in",
+               "caption_factors": caption_factors(run, dataset, seed)}
     write_json(path, results)
     return arms
+
+
+def caption_factors(run: Path, dataset: Dataset, seed: int) -> dict[str, dict]:
+    """arm -> % of its test captions stating each clip factor right (arms with captions only)."""
+    from ..captioner.factors import factor_scores
+
+    out = {}
+    for arm in CAPTION_ARMS:
+        captions = arm_captions(run, arm, dataset, seed)
+        if captions:
+            scores = factor_scores((c, dataset.by_id[v].factors) for v, c in captions.items() if c is not None)
+            if len(scores) > 1:  # more than the count: the data has factors
+                out[arm] = scores
+    return out
+
+
+def print_factors(factors: Mapping[str, Mapping[str, float]], title: str) -> None:
+    """Table: arm x factor, % stated right (cells may be "mean ± std" strings)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if not factors:
+        return
+    cols = [k for k in next(iter(factors.values())) if k != "n"]
+    table = Table(title=title)
+    for col in ("captions", *cols):
+        table.add_column(col, justify="left" if col == "captions" else "right")
+    for arm, scores in factors.items():
+        table.add_row(arm, *(str(scores.get(c, "-")) for c in cols))
+    Console(width=max(Console().width, 110)).print(table)
 
 
 def table_rows(arms: Mapping[str, Mapping[str, dict]]) -> list[list[str]]:
@@ -172,6 +205,20 @@ def aggregate(runs: list[Mapping[str, Mapping[str, dict]]]) -> dict[str, dict[st
                 values = [r[arm][name][key] if sub is None else r[arm][name][key][sub] for r in runs]
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 out.setdefault(arm, {}).setdefault(name, {})[label] = (statistics.fmean(values), std)
+    return out
+
+
+def aggregate_factors(runs: list[Mapping[str, Mapping[str, float]]]) -> dict[str, dict[str, str]]:
+    """Mean ± std over runs of each arm's caption-factor percentages (arms/factors in every run)."""
+    import statistics
+
+    out: dict = {}
+    for arm, scores in runs[0].items():
+        for factor in scores:
+            values = [r[arm][factor] for r in runs if factor in r.get(arm, {})]
+            if factor != "n" and len(values) == len(runs):
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                out.setdefault(arm, {})[factor] = f"{statistics.fmean(values):.1f} ± {std:.1f}"
     return out
 
 

@@ -44,7 +44,7 @@ class RunLog:
 
 def run_pipeline(preset: str, seed: int, out: str | Path, only: list[str] | None = None) -> dict:
     """Run (or finish) the whole experiment in `out`; returns results.json's content."""
-    from .report import RESULTS, plot_dpo_curves, plot_r1, print_table, write_caption_examples
+    from .report import RESULTS, plot_dpo_curves, plot_r1, print_factors, print_table, write_caption_examples
 
     config = run_config(preset, seed)
     out = Path(out)
@@ -66,6 +66,7 @@ def run_pipeline(preset: str, seed: int, out: str | Path, only: list[str] | None
     plot_dpo_curves(out, out / "dpo_curves.png")
     write_caption_examples(out, ctx.dataset, out / "captions.md")
     print_table(results["arms"], f"CaRe-DPO on TwinClips ({preset}, seed {seed}) — test split")
+    print_factors(results.get("caption_factors", {}), "test captions stating each clip factor right (%)")
     log(f"done: {out / RESULTS}, plots and captions.md written")
     return results
 

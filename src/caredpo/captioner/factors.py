@@ -1,0 +1,122 @@
+"""Does a caption state a TwinClips clip's factors right? Direction, colour, shape, size, background.
+
+A diagnostic, not a metric we train on: it tells *why* an arm retrieves better or worse (the
+captioner names the wrong colour, never says which way the object moved, ...). Factors come from
+each clip's `factors` record; a clip without a factor (a real data set) is left out of that count.
+
+    colour / shape / size   the FIRST such word of the caption (the main object's adjective and noun:
+                            later ones belong to a second object or an event, "... turns blue")
+    background              the set of backgrounds named equals the clip's (synonyms count)
+    direction               the set of motion directions stated equals the clip's
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+from ..data.grammar import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS
+
+# TwinClips motion factor -> phrases that state it (the grammar's verb phrases plus a few synonyms).
+# Bare "to the left/right" is left out on purpose: the second object "leaves to the right" too.
+DIRECTION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left-to-right": ("from left to right", "from the left side to the right side", "slides to the right",
+                      "moves to the right", "glides to the right", "travels to the right", "rightward",
+                      "rightwards"),
+    "right-to-left": ("from right to left", "from the right side to the left side", "slides to the left",
+                      "moves to the left", "glides to the left", "travels to the left", "leftward", "leftwards"),
+    "up": ("moves up", "rises", "upward", "upwards", "from the bottom to the top", "goes up", "slides up"),
+    "down": ("moves down", "falls", "downward", "downwards", "from the top to the bottom", "goes down",
+             "slides down", "sinks"),
+    "down-right": ("diagonally down to the right", "from the top left to the bottom right"),
+    "up-left": ("diagonally up to the left", "from the bottom right to the top left"),
+    "up-right": ("diagonally up to the right", "from the bottom left to the top right"),
+    "down-left": ("diagonally down to the left", "from the top right to the bottom left"),
+    "clockwise": ("clockwise",),
+    "anticlockwise": ("anticlockwise", "anti-clockwise", "counterclockwise", "counter-clockwise"),
+    "still": ("stays still", "sits still", "does not move", "doesn't move", "stays in one place",
+              "stationary", "motionless", "stands still"),
+}
+# Background phrases, with single-word cues for the captioner's own variants ("a snowy field").
+BACKGROUND_CUES: dict[str, tuple[str, ...]] = {
+    name: tuple(BACKGROUND_WORDS[name]) + cues for name, cues in {
+        "grass": ("grass", "lawn", "meadow"), "sand": ("sand", "beach"), "water": ("water", "lake"),
+        "brick": ("brick",), "snow": ("snow",), "wood": ("wood",),
+        "asphalt": ("asphalt", "road", "pavement", "tarmac"), "tiles": ("tile",)}.items()
+}
+# factor -> (key -> words); the first word found decides
+FIRST_WORD_FACTORS = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "size": SIZE_WORDS}
+FACTORS = ("colour", "shape", "size", "background", "direction")
+
+
+def _normal(caption: str) -> str:
+    return " " + re.sub(r"[^a-z' -]+", " ", caption.lower()) + " "
+
+
+def _find(text: str, phrase: str) -> re.Match | None:
+    return re.search(rf"(?<![a-z-]){re.escape(phrase)}(?![a-z])", text)
+
+
+def _blank(text: str, phrases: Iterable[str]) -> str:
+    """Replace each phrase by ' | ', longest first, so a shorter phrase inside it is not found again."""
+    for p in sorted(phrases, key=len, reverse=True):
+        text = re.sub(rf"(?<![a-z-]){re.escape(p)}(?![a-z])", " | ", text)
+    return text
+
+
+def stated_directions(caption: str) -> set[str]:
+    """The motion directions a caption states (none, one, or contradictory several)."""
+    text, found = _normal(caption), set()
+    for phrase, name in sorted(((p, d) for d, ps in DIRECTION_PHRASES.items() for p in ps), key=lambda x: -len(x[0])):
+        if _find(text, phrase):
+            found.add(name)
+            text = _blank(text, [phrase])
+    return found
+
+
+def stated_backgrounds(caption: str) -> set[str]:
+    text = _normal(caption)
+    return {name for name, cues in BACKGROUND_CUES.items() if any(_find(text, c) for c in cues)}
+
+
+def first_mention(caption: str, words: Mapping[str, list[str]]) -> str | None:
+    """The factor value named first, background phrases blanked ("a green field" is not a colour)."""
+    text = _blank(_normal(caption), [c for cues in BACKGROUND_CUES.values() for c in cues])
+    hits = [(m.start(), key) for key, ws in words.items() for w in ws if (m := _find(text, w))]
+    return min(hits)[1] if hits else None
+
+
+def direction_correct(caption: str, factors: Mapping) -> bool | None:
+    """True if the caption states the clip's motion direction and no other; None if the clip's
+    factors have no known direction (not a TwinClips clip)."""
+    truth = factors.get("motion")
+    if truth not in DIRECTION_PHRASES:
+        return None
+    return stated_directions(caption) == {truth}
+
+
+def factor_correct(caption: str, factors: Mapping, factor: str) -> bool | None:
+    """Is `factor` stated right (see the module doc)? None: the clip has no such factor."""
+    if factor == "direction":
+        return direction_correct(caption, factors)
+    if factor == "background":
+        return None if factors.get("background") not in BACKGROUND_CUES else stated_backgrounds(caption) == {factors["background"]}
+    words = FIRST_WORD_FACTORS[factor]
+    return None if factors.get(factor) not in words else first_mention(caption, words) == factors[factor]
+
+
+def factor_scores(rows: Iterable[tuple[str, Mapping]]) -> dict[str, float | int]:
+    """Percent of (caption, factors) rows stating each factor right, over the rows that have it;
+    plus `n`, the number of rows."""
+    rows = list(rows)
+    out: dict[str, float | int] = {"n": len(rows)}
+    for factor in FACTORS:
+        verdicts = [v for v in (factor_correct(c, f, factor) for c, f in rows) if v is not None]
+        if verdicts:
+            out[factor] = round(100.0 * sum(verdicts) / len(verdicts), 1)
+    return out
+
+
+def direction_share(rows: Iterable[tuple[str, Mapping]]) -> tuple[float, int]:
+    """(share of captions stating the right direction, number judged) over (caption, factors)."""
+    verdicts = [v for v in (direction_correct(c, f) for c, f in rows) if v is not None]
+    return (sum(verdicts) / len(verdicts) if verdicts else float("nan")), len(verdicts)
