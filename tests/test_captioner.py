@@ -7,7 +7,8 @@ import torch
 from caredpo.captioner.base import Captioner
 from caredpo.captioner.factors import direction_correct, factor_scores, first_mention, stated_directions
 from caredpo.captioner.generate import SamplingConfig, generate_captions, load_captions
-from caredpo.captioner.model import CaptionerConfig, VideoCaptioner, pick_tokens
+from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
+from caredpo.captioner.sampling import pick_tokens
 from caredpo.captioner.sft import SFTConfig, batch_at, train_sft
 from caredpo.io import read_jsonl
 from caredpo.records import DataError, Dataset, Sentence, Video

@@ -29,7 +29,8 @@ from torch import nn
 from ..io import write_json
 from ..records import DataError
 from . import hf_families as fam
-from .model import _replace_dir, pick_tokens, video_uniforms
+from .model import _replace_dir
+from .sampling import pick_tokens, video_uniforms
 
 FORMAT = "caredpo-hf-captioner-v1"
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -224,7 +225,7 @@ class HFVideoCaptioner(nn.Module):
     def generate(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> list[list[str]]:
         """n captions per clip; temperature 0 = greedy. Same seed -> same captions. As in our own
-        captioner: one int seeds the whole batch; one seed per video (`model.video_uniforms`) makes
+        captioner: one int seeds the whole batch; one seed per video (`sampling.video_uniforms`) makes
         a video's captions independent of the rest of the batch."""
         if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("need n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
