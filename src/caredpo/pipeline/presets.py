@@ -87,7 +87,7 @@ def _default(seed: int) -> RunConfig:
     # preference stage and both DPO arms on the first 40 training twin groups (160 clips).
     # LoRA on all 30 layers: the projector's gradient crosses every layer anyway, so it costs little,
     # and lower layers learn to read the visual tokens (100-step SFT, 64 test clips, seed 0: right
-    # shape 16 -> 19, background 55 -> 64, direction 0 -> 4; val NLL 1.30 -> 1.11; README).
+    # shape 16 -> 19, background 55 -> 64, direction 0 -> 4; val NLL 1.30 -> 1.11).
     return RunConfig(
         preset="default", seed=seed,
         data=TwinClipsConfig.preset("default", seed=seed),
