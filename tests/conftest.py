@@ -6,6 +6,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 
 def write_mp4(path: str | Path, num_frames: int = 8, size: int = 32, seed: int = 0, fps: int = 8) -> Path:
@@ -34,3 +35,13 @@ def mp4_factory(tmp_path):
     def make(name: str, **kw) -> Path:
         return write_mp4(tmp_path / name, **kw)
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and the machine is shared: one torch thread for the
+    module (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

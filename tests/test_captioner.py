@@ -16,15 +16,7 @@ from caredpo.records import DataError, Dataset, Sentence, Video
 TINY = CaptionerConfig(lm="tiny", projector_hidden=32, lora_layers=-1, lora_rank=4)
 CAPS = ["a red circle moves from left to right", "a blue square", "x",
         "a small green star slides down over the sand and turns yellow halfway"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def feats(b: int, seed: int = 0, t: int = 8) -> torch.Tensor:

@@ -12,22 +12,16 @@ import pytest
 import torch
 
 from caredpo.captioner.base import Captioner
-from caredpo.captioner.hf import HFCaptionerConfig, HFVideoCaptioner, VideoFrames, distinct_rows
+from caredpo.captioner.batching import distinct_rows
+from caredpo.captioner.hf import HFCaptionerConfig, HFVideoCaptioner, VideoFrames
 from caredpo.captioner.hf_families import family, qwen_patchify
 
 T, S = 4, 16  # frames per clip, frame side of the tiny Qwen models (patch 4, merge 2)
 SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>", "<video>", "<image>"]
 CAPS = ["a red circle moves from left to right", "a blue square", "x"]
 FAMILY_NAMES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
-pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # peft vs transformers 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]  # peft vs transformers 5
 
 
 def tiny_tokenizer():

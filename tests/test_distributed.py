@@ -23,14 +23,7 @@ WORLD = 2
 T_CAP, F_CAP = 2, 16  # frames, feature width of the tiny DPO captioner
 GROUP_SIZES = (3, 2, 4)  # ragged twin groups: the per-process loss weights matter
 CAPS = ["a red circle moves left", "a red circle moves right", "a red circle", "a blue square turns green"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- inputs (built once, read by both the spawned processes and this one) -------------------------

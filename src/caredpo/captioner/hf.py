@@ -29,6 +29,7 @@ from torch import nn
 from ..io import write_json
 from ..records import DataError
 from . import hf_families as fam
+from .batching import caption_ids, distinct_rows
 from .model import _replace_dir
 from .sampling import pick_tokens, video_uniforms
 
@@ -184,12 +185,7 @@ class HFVideoCaptioner(nn.Module):
 
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption ids + end-of-turn token, right-padded: ids [N, L], mask [N, L] (bool)."""
-        rows = [self.tokenizer(c, add_special_tokens=False).input_ids + [self.end_id] for c in captions]
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+        ids, mask = caption_ids(self.tokenizer, captions, self.end_id, self.pad_id)
         return ids.to(self.device), mask.to(self.device)
 
     def token_logprobs(self, features: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,19 +345,6 @@ class VideoFrames:
 
 
 # ---------------------------------------------------------------- helpers
-
-def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distinct rows of x in first-seen order, index of each row's distinct row). Exact equality
-    against the rows kept so far: a batch holds few clips, and frames are too big to sort."""
-    keep, inv = [], []  # indices of the rows kept; each row's index into keep
-    for i in range(x.shape[0]):
-        j = next((k for k, r in enumerate(keep) if torch.equal(x[r], x[i])), None)
-        if j is None:
-            keep.append(i)
-            j = len(keep) - 1
-        inv.append(j)
-    return x[keep], torch.tensor(inv, dtype=torch.long)
-
 
 def _saved_meta(path: Path) -> dict | None:
     f = path / "config.json"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..io import write_json
+from .batching import caption_ids, distinct_rows
 from .lm import load_lm
 from .sampling import sample_loop, video_uniforms
 
@@ -191,12 +192,7 @@ class VideoCaptioner(nn.Module):
 
     def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption token ids + EOS, right-padded: ids [N, L] and mask [N, L] (bool)."""
-        rows = [self.tokenizer(c, add_special_tokens=False).input_ids + [self.eos_id] for c in captions]
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
+        ids, mask = caption_ids(self.tokenizer, captions, self.eos_id, self.pad_id)
         return ids.to(self.device), mask.to(self.device)
 
     def token_logprobs(self, features: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +203,7 @@ class VideoCaptioner(nn.Module):
         if features.shape[0] != len(captions):
             raise ValueError(f"{features.shape[0]} videos but {len(captions)} captions")
         ids, mask = self.encode_captions(captions)
-        uniq, inv = _dedupe_rows(features)
+        uniq, inv = distinct_rows(features)
         last, cache = self.prefill(uniq)
         if uniq.shape[0] != features.shape[0] or not torch.equal(inv, torch.arange(len(inv))):
             cache.batch_select_indices(inv.to(self.device))
@@ -347,17 +343,6 @@ def _add_lora(lm, cfg: CaptionerConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return get_peft_model(lm, lora)
-
-
-def _dedupe_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distinct rows of x (first occurrence order) and, for each row, the index of its distinct row."""
-    flat = x.reshape(x.shape[0], -1)
-    _, inv = torch.unique(flat, dim=0, return_inverse=True)
-    first = {}
-    order = [first.setdefault(int(g), i) for i, g in enumerate(inv.tolist())]
-    keep = sorted(set(order))
-    remap = {r: j for j, r in enumerate(keep)}
-    return x[keep], torch.tensor([remap[o] for o in order], dtype=torch.long)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
