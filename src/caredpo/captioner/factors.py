@@ -43,6 +43,10 @@ BACKGROUND_CUES: dict[str, tuple[str, ...]] = {
         "brick": ("brick",), "snow": ("snow",), "wood": ("wood",),
         "asphalt": ("asphalt", "road", "pavement", "tarmac"), "tiles": ("tile",)}.items()
 }
+# (phrase, direction), longest first: a matched phrase is blanked out, so "counterclockwise" is not
+# also read as "clockwise"
+_DIRECTION_PHRASES = sorted(((p, d) for d, ps in DIRECTION_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
+_BACKGROUND_PHRASES = [c for cues in BACKGROUND_CUES.values() for c in cues]
 # factor -> (key -> words); the first word found decides
 FIRST_WORD_FACTORS = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "size": SIZE_WORDS}
 FACTORS = ("colour", "shape", "size", "background", "direction")
@@ -66,7 +70,7 @@ def _blank(text: str, phrases: Iterable[str]) -> str:
 def stated_directions(caption: str) -> set[str]:
     """The motion directions a caption states (none, one, or contradictory several)."""
     text, found = _normal(caption), set()
-    for phrase, name in sorted(((p, d) for d, ps in DIRECTION_PHRASES.items() for p in ps), key=lambda x: -len(x[0])):
+    for phrase, name in _DIRECTION_PHRASES:
         if _find(text, phrase):
             found.add(name)
             text = _blank(text, [phrase])
@@ -80,7 +84,7 @@ def stated_backgrounds(caption: str) -> set[str]:
 
 def first_mention(caption: str, words: Mapping[str, list[str]]) -> str | None:
     """The factor value named first, background phrases blanked ("a green field" is not a colour)."""
-    text = _blank(_normal(caption), [c for cues in BACKGROUND_CUES.values() for c in cues])
+    text = _blank(_normal(caption), _BACKGROUND_PHRASES)
     hits = [(m.start(), key) for key, ws in words.items() for w in ws if (m := _find(text, w))]
     return min(hits)[1] if hits else None
 

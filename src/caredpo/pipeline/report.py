@@ -55,8 +55,9 @@ def evaluate_run(run: str | Path, dataset: Dataset, store, queries: Mapping[str,
     seed = _run_seed(run)
     scorers: dict[str, Scorer] = {}  # one per retriever: its query vectors are cached across arms
     arms: dict[str, dict] = {}
+    by_arm: dict[str, dict | None] = {}  # the captions each arm was evaluated with
     for arm in CAPTION_ARMS:
-        captions = arm_captions(run, arm, dataset, seed, queries)
+        captions = by_arm[arm] = arm_captions(run, arm, dataset, seed, queries)
         arms[arm] = {}
         for name in ARM_RETRIEVERS[arm]:
             if name not in scorers:
@@ -66,18 +67,18 @@ def evaluate_run(run: str | Path, dataset: Dataset, store, queries: Mapping[str,
     path = Path(out_path) if out_path else run / RESULTS
     old = read_json(path) if path.exists() else {}
     results = {**old, "arms": arms, "queries": "custom" if queries else "built-in",
-               "caption_factors": caption_factors(run, dataset, seed)}
+               "caption_factors": caption_factors(by_arm, dataset)}
     write_json(path, results)
     return arms
 
 
-def caption_factors(run: Path, dataset: Dataset, seed: int) -> dict[str, dict]:
-    """arm -> % of its test captions stating each clip factor right (arms with captions only)."""
+def caption_factors(by_arm: Mapping[str, Mapping[str, str | None] | None], dataset: Dataset) -> dict[str, dict]:
+    """arm -> % of its test captions stating each clip factor right (arms with captions only).
+    by_arm: arm -> {video id: caption} as `arm_captions` gives them (None: the no-caption arm)."""
     from ..captioner.factors import factor_scores
 
     out = {}
-    for arm in CAPTION_ARMS:
-        captions = arm_captions(run, arm, dataset, seed)
+    for arm, captions in by_arm.items():
         if captions:
             scores = factor_scores((c, dataset.by_id[v].factors) for v, c in captions.items() if c is not None)
             if len(scores) > 1:  # more than the count: the data has factors
