@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from caredpo.captioner.base import Captioner
-from caredpo.captioner.factors import direction_correct, factor_scores, first_mention, stated_directions
+from caredpo.captioner.factors import (direction_correct, factor_scores, first_mention, motion_correct,
+                                      stated_directions, stated_motion_kinds)
 from caredpo.captioner.generate import SamplingConfig, generate_captions, load_captions
 from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
 from caredpo.captioner.sampling import pick_tokens
@@ -276,6 +277,26 @@ def test_direction_check_without_motion_factor():
     assert stated_directions("It moves from right to left, then rises!") == {"right-to-left", "up"}
 
 
+@pytest.mark.parametrize("caption, motion, ok", [
+    ("a red circle moves horizontally over the grass", "right-to-left", True),   # generic, right
+    ("a red circle slides to the left", "left-to-right", True),                  # wrong way, right kind
+    ("a red circle moves across the grass", "up", False),                        # "across" = horizontal
+    ("a ring moves diagonally across the sand", "down-right", True),             # not also "moves across"
+    ("a square moves in a clockwise circle", "anticlockwise", True),
+    ("a square goes around in a loop", "clockwise", True),
+    ("a square moves in a circle and then rises", "clockwise", False),           # two kinds stated
+    ("a star stays still on the sand", "still", True),
+    ("a star on the sand", "still", False),                                      # nothing stated
+])
+def test_motion_kind_check(caption, motion, ok):
+    assert motion_correct(caption, {"motion": motion}) is ok
+
+
+def test_motion_kinds_stated():
+    assert stated_motion_kinds("it moves vertically, then circles clockwise") == {"vertical", "circle"}
+    assert motion_correct("anything", {"motion": "zigzag"}) is None
+
+
 def test_first_mention_skips_background_phrases_and_later_objects():
     from caredpo.data.grammar import COLOUR_WORDS, SHAPE_WORDS
 
@@ -293,4 +314,4 @@ def test_factor_scores_by_hand():
             ("a red square", {"colour": "red", "shape": "square"})]        # no size/background/motion
     scores = factor_scores(rows)
     assert scores == {"n": 4, "colour": 75.0, "shape": 75.0, "size": 66.7, "background": 66.7,
-                      "direction": 33.3}
+                      "motion": 66.7, "direction": 33.3}  # "moves down": right kind (vertical), wrong way

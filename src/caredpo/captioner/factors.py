@@ -7,6 +7,9 @@ each clip's `factors` record; a clip without a factor (a real data set) is left 
     colour / shape / size   the FIRST such word of the caption (the main object's adjective and noun:
                             later ones belong to a second object or an event, "... turns blue")
     background              the set of backgrounds named equals the clip's (synonyms count)
+    motion                  the kind of motion (horizontal, vertical, diagonal, circle, still) stated
+                            equals the clip's: generic ("moves sideways") or from a direction. Twins
+                            share it, so a caption can be right here and still not tell them apart
     direction               the set of motion directions stated equals the clip's
 """
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
-from ..data.grammar import BACKGROUND_WORDS, COLOUR_WORDS, SHAPE_WORDS, SIZE_WORDS
+from ..data.grammar import AXIS_OF, BACKGROUND_WORDS, COLOUR_WORDS, MOTION_MEDIUM, SHAPE_WORDS, SIZE_WORDS
 
 # TwinClips motion factor -> phrases that state it (the grammar's verb phrases plus a few synonyms).
 # Bare "to the left/right" is left out on purpose: the second object "leaves to the right" too.
@@ -36,6 +39,11 @@ DIRECTION_PHRASES: dict[str, tuple[str, ...]] = {
     "still": ("stays still", "sits still", "does not move", "doesn't move", "stays in one place",
               "stationary", "motionless", "stands still"),
 }
+# Kind of motion -> phrases that state the kind only (the grammar's medium phrases plus synonyms).
+_KIND_SYNONYMS = {"horizontal": ("horizontally",), "vertical": ("vertically",), "diagonal": ("diagonally",),
+                  "circle": ("in a circle", "circles")}
+MOTION_KIND_PHRASES: dict[str, tuple[str, ...]] = {
+    kind: tuple(phrases) + _KIND_SYNONYMS.get(kind, ()) for kind, phrases in MOTION_MEDIUM.items()}
 # Background phrases, with single-word cues for the captioner's own variants ("a snowy field").
 BACKGROUND_CUES: dict[str, tuple[str, ...]] = {
     name: tuple(BACKGROUND_WORDS[name]) + cues for name, cues in {
@@ -46,10 +54,11 @@ BACKGROUND_CUES: dict[str, tuple[str, ...]] = {
 # (phrase, direction), longest first: a matched phrase is blanked out, so "counterclockwise" is not
 # also read as "clockwise"
 _DIRECTION_PHRASES = sorted(((p, d) for d, ps in DIRECTION_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
+_KIND_PHRASES = sorted(((p, k) for k, ps in MOTION_KIND_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
 _BACKGROUND_PHRASES = [c for cues in BACKGROUND_CUES.values() for c in cues]
 # factor -> (key -> words); the first word found decides
 FIRST_WORD_FACTORS = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "size": SIZE_WORDS}
-FACTORS = ("colour", "shape", "size", "background", "direction")
+FACTORS = ("colour", "shape", "size", "background", "motion", "direction")
 
 
 def _normal(caption: str) -> str:
@@ -67,14 +76,26 @@ def _blank(text: str, phrases: Iterable[str]) -> str:
     return text
 
 
-def stated_directions(caption: str) -> set[str]:
-    """The motion directions a caption states (none, one, or contradictory several)."""
-    text, found = _normal(caption), set()
-    for phrase, name in _DIRECTION_PHRASES:
+def _take(text: str, phrases: list[tuple[str, str]]) -> tuple[set[str], str]:
+    """(names of the phrases found, text with them blanked), longest phrase first."""
+    found = set()
+    for phrase, name in phrases:
         if _find(text, phrase):
             found.add(name)
             text = _blank(text, [phrase])
-    return found
+    return found, text
+
+
+def stated_directions(caption: str) -> set[str]:
+    """The motion directions a caption states (none, one, or contradictory several)."""
+    return _take(_normal(caption), _DIRECTION_PHRASES)[0]
+
+
+def stated_motion_kinds(caption: str) -> set[str]:
+    """Kinds of motion a caption states: the kind of each direction it names ("rises": vertical)
+    plus generic phrases in the rest ("moves horizontally")."""
+    directions, rest = _take(_normal(caption), _DIRECTION_PHRASES)
+    return {AXIS_OF[d] for d in directions} | _take(rest, _KIND_PHRASES)[0]
 
 
 def stated_backgrounds(caption: str) -> set[str]:
@@ -98,10 +119,20 @@ def direction_correct(caption: str, factors: Mapping) -> bool | None:
     return stated_directions(caption) == {truth}
 
 
+def motion_correct(caption: str, factors: Mapping) -> bool | None:
+    """True if the caption states the clip's kind of motion and no other (see the module doc)."""
+    truth = factors.get("motion")
+    if truth not in AXIS_OF:
+        return None
+    return stated_motion_kinds(caption) == {AXIS_OF[truth]}
+
+
 def factor_correct(caption: str, factors: Mapping, factor: str) -> bool | None:
     """Is `factor` stated right (see the module doc)? None: the clip has no such factor."""
     if factor == "direction":
         return direction_correct(caption, factors)
+    if factor == "motion":
+        return motion_correct(caption, factors)
     if factor == "background":
         return None if factors.get("background") not in BACKGROUND_CUES else stated_backgrounds(caption) == {factors["background"]}
     words = FIRST_WORD_FACTORS[factor]
