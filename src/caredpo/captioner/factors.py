@@ -127,14 +127,20 @@ def motion_correct(caption: str, factors: Mapping) -> bool | None:
     return stated_motion_kinds(caption) == {AXIS_OF[truth]}
 
 
+def background_correct(caption: str, factors: Mapping) -> bool | None:
+    """True if the backgrounds the caption names are exactly the clip's."""
+    truth = factors.get("background")
+    return None if truth not in BACKGROUND_CUES else stated_backgrounds(caption) == {truth}
+
+
+# factor -> its check; colour, shape and size use the first word named (first_mention)
+CHECKS = {"background": background_correct, "motion": motion_correct, "direction": direction_correct}
+
+
 def factor_correct(caption: str, factors: Mapping, factor: str) -> bool | None:
     """Is `factor` stated right (see the module doc)? None: the clip has no such factor."""
-    if factor == "direction":
-        return direction_correct(caption, factors)
-    if factor == "motion":
-        return motion_correct(caption, factors)
-    if factor == "background":
-        return None if factors.get("background") not in BACKGROUND_CUES else stated_backgrounds(caption) == {factors["background"]}
+    if factor in CHECKS:
+        return CHECKS[factor](caption, factors)
     words = FIRST_WORD_FACTORS[factor]
     return None if factors.get(factor) not in words else first_mention(caption, words) == factors[factor]
 
