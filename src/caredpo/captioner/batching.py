@@ -1,4 +1,5 @@
-"""Batch helpers shared by both captioner backends (our VideoCaptioner and the HF MLLMs)."""
+"""Batch helpers shared by both captioner backends (our VideoCaptioner and the HF MLLMs):
+caption ids, distinct clips, per-token log-probs."""
 from __future__ import annotations
 
 import torch
@@ -26,3 +27,13 @@ def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             j = len(keep) - 1
         inv.append(j)
     return x[keep], torch.tensor(inv, dtype=torch.long)
+
+
+def caption_logprobs(lm_head, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p of each caption token from the hidden states that predict it: hidden [N, L, d], ids and
+    mask [N, L] -> [N, L] (0 at pads). The LM head runs only at real caption positions."""
+    logits = lm_head(hidden[mask]).float()  # [M, V]
+    lp = logits.log_softmax(-1).gather(1, ids[mask][:, None])[:, 0]
+    full = torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device)
+    full[mask] = lp
+    return full

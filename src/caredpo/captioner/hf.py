@@ -29,7 +29,7 @@ from torch import nn
 from ..io import write_json
 from ..records import DataError
 from . import hf_families as fam
-from .batching import caption_ids, distinct_rows
+from .batching import caption_ids, caption_logprobs, distinct_rows
 from .model import _replace_dir
 from .sampling import pick_tokens, video_uniforms
 
@@ -203,11 +203,7 @@ class HFVideoCaptioner(nn.Module):
         hidden = last[:, None]  # the prefix's last position predicts caption token 0
         if ids.shape[1] > 1:
             hidden = torch.cat([hidden, self._extend(ids[:, :-1], cache, 0)], 1)
-        logits = self.lm_head(hidden[mask]).float()  # [M, V]: real caption positions only
-        lp = logits.log_softmax(-1).gather(1, ids[mask][:, None])[:, 0]
-        full = torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device)
-        full[mask] = lp
-        return full, mask
+        return caption_logprobs(self.lm_head, hidden, ids, mask), mask
 
     def logprob(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Summed log p(caption + end token | clip, prompt) -> [B]. Differentiable w.r.t. LoRA."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..io import write_json
-from .batching import caption_ids, distinct_rows
+from .batching import caption_ids, caption_logprobs, distinct_rows
 from .lm import load_lm
 from .sampling import sample_loop, video_uniforms
 
@@ -212,11 +212,7 @@ class VideoCaptioner(nn.Module):
         if ids.shape[1] > 1:  # caption tokens 0..L-2 predict tokens 1..L-1
             out = self.decoder(inputs_embeds=self.embed(ids[:, :-1]), cache=cache, use_cache=True)
             hidden = torch.cat([hidden, out.last_hidden_state], 1)
-        logits = self.lm_head(hidden[mask]).float()  # [M, V]: only real caption positions
-        lp = logits.log_softmax(-1).gather(1, ids[mask][:, None])[:, 0]
-        full = torch.zeros(ids.shape, dtype=lp.dtype, device=lp.device)
-        full[mask] = lp
-        return full, mask
+        return caption_logprobs(self.lm_head, hidden, ids, mask), mask
 
     def logprob(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Summed log p(caption + EOS | video, prompt) -> [B]. Differentiable."""
