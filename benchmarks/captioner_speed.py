@@ -59,7 +59,7 @@ def param_counts(model) -> tuple[int, int]:
 
 
 def batch(model, videos: int, per_video: int, seed: int = 0):
-    feats = torch.rand(videos, 8, 4, model.config.feature_dim, generator=torch.Generator().manual_seed(seed)) * 3
+    feats = torch.rand(videos, 8, 4, model.config.input_dim, generator=torch.Generator().manual_seed(seed)) * 3
     rep = feats.repeat_interleave(per_video, 0)
     caps = [CAPTIONS[i % len(CAPTIONS)] for i in range(videos * per_video)]
     return feats, rep, caps

@@ -1,13 +1,14 @@
 """SFT recipes side by side: what each buys in caption correctness, and what it costs.
 
-    python benchmarks/sft_recipes.py --run runs/default-s0 [--variants base_100,default] [--device cuda]
+    python benchmarks/sft_recipes.py --run runs/default-s0 [--variants no_align,default] [--device cuda]
 
 Each variant (overrides of the `default` preset's SFT and captioner configs) fine-tunes a fresh
 captioner on the run's training clips, writes greedy captions for its test clips and judges them with
 `caredpo.captioner.factors`. The table gives val NLL, SFT seconds and the % of test captions that
-state each factor right. `default` is the `default` preset's recipe (8 videos x 4 sentences a step,
-150 steps); `base_100` the one before it (8 x 2, 100 steps). On 2 CPU cores a variant takes 6 to 15
-minutes; on one H100 a 300-step variant takes about 3.5 minutes (launch-bound: run several at once).
+state each factor right. `default` is the `default` preset's recipe (1000 steps of projector
+alignment, then 150 steps of 8 videos x 2 sentences); `no_align` leaves the alignment out. On 2 CPU
+cores a variant takes 10 to 20 minutes; on one H100 a 150-step variant takes about 3 minutes
+(launch-bound: run several at once).
 """
 from __future__ import annotations
 
@@ -21,13 +22,13 @@ import torch
 
 # name -> (SFTConfig overrides, CaptionerConfig overrides) on the `default` preset's own configs
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "default": ({}, {}),
-    "base_100": ({"steps": 100, "captions_per_video": 2}, {}),
-    "cap4_100": ({"steps": 100}, {}),
-    "all8_150": ({"videos_per_step": 4, "captions_per_video": 8}, {}),
-    "base_300": ({"steps": 300, "captions_per_video": 2}, {}),
-    "projlr_100": ({"steps": 100, "captions_per_video": 2, "lr_projector": 1e-2}, {}),
-    "nodelta_300": ({"steps": 300, "captions_per_video": 2}, {"temporal_delta": False}),
+    "default": ({}, {}),  # colour histograms, 1000 alignment steps, then 150 steps of 8 videos x 2 sentences
+    "no_align": ({"align_steps": 0}, {}),
+    "align_250": ({"align_steps": 250}, {}),
+    "cap4": ({"captions_per_video": 4}, {}),
+    "steps_100": ({"steps": 100}, {}),
+    "steps_300": ({"steps": 300}, {}),
+    "nodelta": ({}, {"temporal_delta": False}),
 }
 
 
@@ -69,7 +70,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=Path("runs/default-s0"), help="a finished run (its data/ is used)")
-    ap.add_argument("--variants", default="base_100,default", help=f"comma list of {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default="no_align,default", help=f"comma list of {sorted(VARIANTS)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_sft_recipes"))
     ap.add_argument("--lm", default="smollm2", help="base LM: smollm2, tiny (a quick check) or a local folder")

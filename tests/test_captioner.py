@@ -1,6 +1,8 @@
 """Captioner: log-probs, sampling, SFT, save/load, caption files — all on the tiny random Llama."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -141,6 +143,16 @@ def test_feature_shape_checked_and_frames_subsampled(model):
     f16 = feats(1, t=16)
     with torch.no_grad():
         torch.testing.assert_close(model.logprob(f16, ["a"]), model.logprob(f16[:, [0, 2, 4, 6, 9, 11, 13, 15]], ["a"]))
+
+
+def test_colour_channels_are_normalised_apart_from_the_cnn_ones():
+    m = VideoCaptioner(replace(TINY, colour_bins=8))
+    x, c = feats(2), torch.rand(2, 8, 4, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # each part's units drop out: CNN x100 and colour x0.1 give the same tokens
+        torch.testing.assert_close(m.projector(torch.cat([x, c], -1)), m.projector(torch.cat([100 * x, 0.1 * c], -1)),
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"1280 CNN \+ 8 colour channels"):
+        m.logprob(x, ["a red circle", "a blue square"])
 
 
 def test_config_validation():

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from caredpo import features as feat
+from caredpo.colour import cell_colour_histograms
 from caredpo.features import FeatureConfig, FeatureStore, extract_features
 from caredpo.records import DataError, Dataset, Sentence, Video
 from caredpo.video import VideoError
@@ -77,14 +79,14 @@ def test_extract_writes_the_contract(tmp_path, mp4_factory):
 
     t = load_file(str(out / "features.safetensors"))
     assert t["global"].dtype == torch.float16 and t["global"].shape == (5, 4, 1280)
-    assert t["grid"].shape == (5, 4, 4, 1280)
+    assert t["grid"].shape == (5, 4, 4, 1280) and t["colour"].shape == (5, 4, 4, 64)
     assert not (out / "shards").exists()
     store = FeatureStore.load(out)
     assert store.ids == meta["video_ids"] and store.feature_dim == 1280 and store.num_frames == 4
     g = store.global_feats(["v3", "v0"])
     assert g.dtype == torch.float32 and g.shape == (2, 4, 1280)
     torch.testing.assert_close(g[1], t["global"][0].float())
-    assert store.grid_feats(["v1"]).shape == (1, 4, 4, 1280)
+    assert store.grid_feats(["v1"]).shape == (1, 4, 4, 1280 + 64)  # CNN channels, then colour bins
     assert not torch.equal(g[0], g[1])  # different clips, different features
     with pytest.raises(DataError, match="no features for video 'v9'"):
         store.global_feats(["v9"])
@@ -97,7 +99,16 @@ def test_features_match_direct_encoding(tmp_path, mp4_factory):
     frames = feat.read_frames(tmp_path / "videos/v2.mp4", 4, 32)
     g, m = feat.encode_frames(feat.load_frame_encoder(32), feat.preprocess(frames))
     torch.testing.assert_close(store.global_feats(["v2"])[0], g, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(store.grid_feats(["v2"])[0], m, rtol=2e-3, atol=2e-3)
+    cells = store.grid_feats(["v2"])[0]  # [T, 4, 1280 + 64]
+    torch.testing.assert_close(cells[..., :1280], m, rtol=2e-3, atol=2e-3)
+    hist = cell_colour_histograms(torch.from_numpy(frames))
+    torch.testing.assert_close(cells[..., 1280:], hist, rtol=2e-3, atol=2e-3)
+
+
+def test_colour_can_be_left_out(tmp_path, mp4_factory):
+    ds = _dataset(tmp_path, mp4_factory, n=2)
+    store = FeatureStore.load(extract_features(ds, tmp_path / "f", replace(CFG, colour_levels=0), progress=False))
+    assert store.grid_feats(["v0"]).shape == (1, 4, 4, 1280)
 
 
 def test_bad_video_stops_with_one_line(tmp_path, mp4_factory):

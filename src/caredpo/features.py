@@ -3,7 +3,8 @@
     path = extract_features(dataset, out_dir, FeatureConfig())     # resumable, cached
     store = FeatureStore.load(path)
     store.global_feats(ids)   # float32 [B, T, 1280]   pooled vector per frame
-    store.grid_feats(ids)     # float32 [B, T, 4, 1280] 2x2 map per frame, row-major
+    store.grid_feats(ids)     # float32 [B, T, 4, 1280 + 64] 2x2 map per frame, row-major, then
+                              #   each cell's colour histogram (colour.py)
 
 Work is done in shards of videos, each written atomically to `out_dir/shards/`; an interrupted
 run resumes at the first missing shard, and a finished run with the same data hash and config
@@ -16,13 +17,14 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from .colour import cell_colour_histograms
 from .io import append_jsonl, atomic_write_bytes, read_json, write_json
 from .progress import console, progress_bar
 from .records import DataError, Dataset, Video
@@ -46,6 +48,7 @@ class FeatureConfig:
     decode_workers: int = 1  # background decoding threads (0 = decode inline, no overlap)
     prefetch: int = 16  # videos decoded ahead of the CNN
     channels_last: bool = True  # memory format of the CNN input; faster for depthwise convs on CPU
+    colour_levels: int = 4  # per-cell RGB histogram with levels^3 bins after the grid channels (0 = none)
 
     def __post_init__(self) -> None:
         for name in ("num_frames", "size", "batch_size", "shard_size", "prefetch"):
@@ -53,12 +56,14 @@ class FeatureConfig:
                 raise ValueError(f"FeatureConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.size < 32:
             raise ValueError(f"FeatureConfig.size must be >= 32 (EfficientNet downsamples 32x), got {self.size}")
-        if self.decode_workers < 0:
-            raise ValueError(f"FeatureConfig.decode_workers must be >= 0, got {self.decode_workers}")
+        if self.decode_workers < 0 or self.colour_levels < 0:
+            raise ValueError(f"FeatureConfig: decode_workers and colour_levels must be >= 0, got "
+                             f"{self.decode_workers} and {self.colour_levels}")
 
     def key(self) -> dict:
         """What the features depend on (batching and threads do not change them)."""
-        return {"model": MODEL_NAME, "num_frames": self.num_frames, "size": self.size, "grid": GRID}
+        return {"model": MODEL_NAME, "num_frames": self.num_frames, "size": self.size, "grid": GRID,
+                "colour_levels": self.colour_levels}
 
 
 # ----------------------------------------------------------------------------- the encoder
@@ -228,7 +233,8 @@ def _prefetch(fn: Callable, items: Sequence, workers: int, ahead: int) -> Iterat
 
 def _encode_shard(model, items: list[_Decoded], config: FeatureConfig, skip_bad: bool,
                   advance: Callable[[int], None]) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Batches frames across videos: global [n, T, 1280] and grid [n, T, 4, 1280], float16."""
+    """Batches frames across videos: global [n, T, 1280], grid [n, T, 4, 1280] and colour
+    [n, T, 4, levels^3], float16."""
     good, skipped = [], []
     for item in items:
         if item.frames is not None:
@@ -239,17 +245,19 @@ def _encode_shard(model, items: list[_Decoded], config: FeatureConfig, skip_bad:
         else:
             raise VideoError(item.reason)
     per_batch = max(1, config.batch_size // config.num_frames)  # videos per forward pass
-    g_parts, m_parts = [], []
+    t, cells, bins = config.num_frames, GRID * GRID, config.colour_levels ** 3 if config.colour_levels else 0
+    parts = {"global": [torch.zeros(0, t, FEATURE_DIM)], "grid": [torch.zeros(0, t, cells, FEATURE_DIM)],
+             "colour": [torch.zeros(0, t, cells, bins)]}
     for k in range(0, len(good), per_batch):
         chunk = np.concatenate(good[k : k + per_batch])  # [b*T, S, S, 3]
         g, m = encode_frames(model, preprocess(chunk, config.channels_last))
-        g_parts.append(g.half().view(-1, config.num_frames, FEATURE_DIM))
-        m_parts.append(m.half().view(-1, config.num_frames, GRID * GRID, FEATURE_DIM))
+        parts["global"].append(g.view(-1, t, FEATURE_DIM))
+        parts["grid"].append(m.view(-1, t, cells, FEATURE_DIM))
+        if bins:
+            hist = cell_colour_histograms(torch.from_numpy(chunk), GRID, config.colour_levels)
+            parts["colour"].append(hist.view(-1, t, cells, bins))
         advance(len(chunk))
-    t = config.num_frames
-    return {"global": torch.cat(g_parts) if g_parts else torch.zeros(0, t, FEATURE_DIM, dtype=torch.half),
-            "grid": torch.cat(m_parts) if m_parts else torch.zeros(0, t, GRID * GRID, FEATURE_DIM, dtype=torch.half)
-            }, skipped
+    return {k: torch.cat(v).half() for k, v in parts.items() if bins or k != "colour"}, skipped
 
 
 # ----------------------------------------------------------------------------- shards and cache
@@ -295,13 +303,13 @@ def _merge(out: Path, n_shards: int, meta: dict) -> None:
     """Concatenate the shards in order; features.json is written last (it marks the cache done)."""
     from safetensors.torch import save
 
-    ids, skipped, parts = [], [], {"global": [], "grid": []}
+    ids, skipped, parts = [], [], {}
     for i in range(n_shards):
         info, tensors = _read_shard(_shard_path(out, i))
         ids += json.loads(info["ids"])
         skipped += json.loads(info["skipped"])
-        for k in parts:
-            parts[k].append(tensors[k])
+        for k, v in tensors.items():
+            parts.setdefault(k, []).append(v)
     merged = {k: torch.cat(v).contiguous() for k, v in parts.items()}
     atomic_write_bytes(out / FEATURES_FILE, save(merged))
     (out / SKIPPED_FILE).unlink(missing_ok=True)
@@ -359,6 +367,8 @@ class FeatureStore:
         self.ids: list[str] = list(meta["video_ids"])
         self._row = {vid: i for i, vid in enumerate(self.ids)}
         self._global, self._grid = tensors["global"], tensors["grid"]
+        if "colour" in tensors:  # [N, T, 4, bins] -> after the CNN channels of each cell
+            self._grid = torch.cat([self._grid, tensors["colour"]], -1)
 
     @classmethod
     def load(cls, root: str | Path) -> "FeatureStore":
@@ -396,5 +406,6 @@ class FeatureStore:
         return self._global[self.rows(ids)].float()
 
     def grid_feats(self, ids: Iterable[str]) -> torch.Tensor:
-        """float32 [B, T, 4, 1280], cells row-major (top-left, top-right, bottom-left, bottom-right)."""
+        """float32 [B, T, 4, 1280 + colour bins], cells row-major (top-left, top-right, bottom-left,
+        bottom-right): each cell's CNN channels, then its colour histogram when the cache has one."""
         return self._grid[self.rows(ids)].float()

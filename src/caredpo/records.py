@@ -16,6 +16,10 @@ class DataError(ValueError):
     """Bad input data. The message is one line: the file, the entry and what is wrong."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm became NaN/inf; training stopped before the bad update."""
+
+
 @dataclass(frozen=True)
 class Video:
     id: str

@@ -41,7 +41,8 @@ CHAT_FORMATS = {
 class CaptionerConfig:
     lm: str = "smollm2"  # "smollm2" (converted from the wheel's GGUF), "tiny" (tests) or a local HF folder
     cache_dir: str | None = None  # where the converted SmolLM2 lives (None: $CAREDPO_CACHE or ~/.cache/caredpo)
-    feature_dim: int = 1280  # C of the grid features [B, T, G, C]
+    feature_dim: int = 1280  # CNN channels of a grid cell
+    colour_bins: int = 0  # then this many colour-histogram channels per cell (features.py; 0 = none)
     num_frames: int = 8  # T used; more frames in the input are subsampled evenly
     grid_cells: int = 4  # G: spatial cells per frame (2x2); visual tokens = num_frames * grid_cells
     temporal_delta: bool = True  # also feed x - mean_t(x): makes motion direction linearly visible
@@ -60,12 +61,19 @@ class CaptionerConfig:
         for name in ("feature_dim", "num_frames", "grid_cells", "projector_hidden", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CaptionerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.colour_bins < 0:
+            raise ValueError(f"CaptionerConfig.colour_bins must be >= 0, got {self.colour_bins}")
         if self.lora_layers < -1:
             raise ValueError(f"CaptionerConfig.lora_layers must be -1 (all), 0 (none) or k > 0, got {self.lora_layers}")
         if self.chat_format not in CHAT_FORMATS:
             raise ValueError(f"CaptionerConfig.chat_format must be one of {sorted(CHAT_FORMATS)}, got {self.chat_format!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"CaptionerConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    @property
+    def input_dim(self) -> int:
+        """C of the visual input [B, T, G, C]: CNN channels, then colour bins."""
+        return self.feature_dim + self.colour_bins
 
     @property
     def num_visual_tokens(self) -> int:
@@ -83,7 +91,8 @@ class Projector(nn.Module):
     def __init__(self, cfg: CaptionerConfig, d_model: int, target_rms: float):
         super().__init__()
         self.temporal_delta = cfg.temporal_delta
-        in_dim = cfg.feature_dim * (2 if cfg.temporal_delta else 1)
+        self.parts = (cfg.feature_dim, cfg.colour_bins) if cfg.colour_bins else (cfg.feature_dim,)
+        in_dim = cfg.input_dim * (2 if cfg.temporal_delta else 1)
         self.gain = nn.Parameter(torch.ones(in_dim))  # like a LayerNorm gain, learns the delta's weight
         self.fc1 = nn.Linear(in_dim, cfg.projector_hidden)
         self.fc2 = nn.Linear(cfg.projector_hidden, d_model)
@@ -100,13 +109,15 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, G, C = x.shape
-        # RMS over channels of each cell; the delta is scaled by the same number, keeping its
-        # relative size (a still clip's delta stays ~0 instead of being blown up to unit noise).
-        scale = x.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
-        parts = [x * scale]
-        if self.temporal_delta:
-            parts.append((x - x.mean(1, keepdim=True)) * scale)
-        h = torch.cat(parts, -1) * self.gain
+        # Each part (CNN channels, colour histogram) is RMS-normalised over its channels per cell,
+        # so neither's units matter; its delta is scaled by the same number, keeping its relative
+        # size (a still clip's delta stays ~0 instead of being blown up to unit noise).
+        normed, deltas = [], []
+        for part in x.split(self.parts, dim=-1):
+            scale = part.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+            normed.append(part * scale)
+            deltas.append((part - part.mean(1, keepdim=True)) * scale)
+        h = torch.cat(normed + (deltas if self.temporal_delta else []), -1) * self.gain
         out = self.fc2(nn.functional.gelu(self.fc1(h)))  # [B, T, G, d]
         return out.reshape(B, T * G, -1) + self.pos
 
@@ -163,8 +174,9 @@ class VideoCaptioner(nn.Module):
     def _frames(self, features: torch.Tensor) -> torch.Tensor:
         """Check shape, subsample frames evenly to num_frames, move to the model's device."""
         cfg = self.config
-        if features.dim() != 4 or features.shape[2:] != (cfg.grid_cells, cfg.feature_dim):
-            raise ValueError(f"features must be [B, T, {cfg.grid_cells}, {cfg.feature_dim}], got {tuple(features.shape)}")
+        if features.dim() != 4 or features.shape[2:] != (cfg.grid_cells, cfg.input_dim):
+            raise ValueError(f"features must be [B, T, {cfg.grid_cells}, {cfg.input_dim}] ({cfg.feature_dim} CNN + "
+                             f"{cfg.colour_bins} colour channels), got {tuple(features.shape)}")
         T = features.shape[1]
         if T < cfg.num_frames:
             raise ValueError(f"features have {T} frames, the captioner needs {cfg.num_frames}")

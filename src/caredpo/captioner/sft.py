@@ -5,8 +5,12 @@ A step takes `videos_per_step` videos and `captions_per_video` of each one's sen
 video's prefix (visual tokens + prompt) runs once per step for all its captions. The batch plan is
 a pure function of (seed, step): a resumed run sees exactly the batches it would have seen.
 
+A fresh run first aligns the projector alone (`align.py`, `align_steps`; no LM pass), so that SFT
+starts from visual tokens the LM can already read.
+
 Run folder:  model/ (the captioner, `VideoCaptioner.from_pretrained`), checkpoint/ (latest
-resumable state), sft_log.jsonl (train and val losses), sft.json (settings and final numbers).
+resumable state), align.json (the alignment phase), sft_log.jsonl (train and val losses), sft.json
+(settings and final numbers).
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from typing import Callable
 import torch
 
 from ..io import append_jsonl, read_json, write_json
-from ..records import DataError, Dataset
+from ..records import DataError, Dataset, NonFiniteLossError
+from .align import align_projector
 from .model import VideoCaptioner, _replace_dir
 
 
@@ -42,13 +47,17 @@ class SFTConfig:
     val_videos: int = 32  # at most this many val videos (all their sentences) per val pass
     val_every: int = 50  # steps between val passes (0 = only at the end)
     save_every: int = 50  # steps between checkpoints (0 = only at the end)
+    align_steps: int = 250  # projector alignment steps before SFT (align.py; 0 = off; not redone on resume)
+    align_lr: float = 1e-3  # AdamW learning rate of the projector during alignment
+    align_batch_videos: int = 64  # videos per alignment step
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "videos_per_step", "captions_per_video"):
+        for name in ("steps", "videos_per_step", "captions_per_video", "align_batch_videos"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "grad_clip", "val_videos", "val_every", "save_every", "weight_decay"):
+        for name in ("warmup_steps", "grad_clip", "val_videos", "val_every", "save_every", "weight_decay",
+                     "align_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -113,6 +122,9 @@ def make_optimizer(model: VideoCaptioner, cfg: SFTConfig):
 def train_step(model: VideoCaptioner, feats: torch.Tensor, caps: list[str], opt, sched, cfg: SFTConfig) -> float:
     model.train()
     loss = model.nll(feats, caps)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"captioner SFT: non-finite loss ({float(loss.detach())}); stopped before the "
+                                 "update, the last checkpoint is kept. Lower --lr-projector / --lr-lora.")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.grad_clip > 0:
@@ -183,14 +195,19 @@ def train_sft(model: VideoCaptioner, dataset: Dataset, store, out_dir: str | Pat
     meta = {"sft": asdict(cfg), "captioner": asdict(model.config), "data": str(dataset.root),
             "train_videos": len(train_ids), "val_videos": len(val_ids)}
     meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back from meta.json
-    opt, sched = make_optimizer(model, cfg)
-    start = 0
-    if resume and (out / "checkpoint" / "meta.json").exists():
-        start = load_checkpoint(out / "checkpoint", model, opt, sched, meta)
-        log(f"resumed from {out / 'checkpoint'} at step {start}")
-    else:  # a fresh start: no stale checkpoint or log lines from an earlier run
+    start, resuming = 0, resume and (out / "checkpoint" / "meta.json").exists()
+    if not resuming:  # a fresh start: no stale checkpoint or log lines from an earlier run
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
         (out / "sft_log.jsonl").unlink(missing_ok=True)
+        (out / "align.json").unlink(missing_ok=True)
+        if cfg.align_steps:  # the checkpoint of a resumed run already holds the aligned projector
+            write_json(out / "align.json", align_projector(
+                model, store, sentences, train_ids, cfg.align_steps, cfg.align_lr, cfg.align_batch_videos,
+                cfg.seed, show_progress))
+    opt, sched = make_optimizer(model, cfg)
+    if resuming:
+        start = load_checkpoint(out / "checkpoint", model, opt, sched, meta)
+        log(f"resumed from {out / 'checkpoint'} at step {start}")
     t0, last_val = time.perf_counter(), None
     with progress_bar(TextColumn("loss {task.fields[loss]}"), transient=not show_progress) as bar:
         task = bar.add_task("captioner sft", total=cfg.steps, completed=start, unit="steps", loss="--")
@@ -206,7 +223,8 @@ def train_sft(model: VideoCaptioner, dataset: Dataset, store, out_dir: str | Pat
                 save_checkpoint(out / "checkpoint", model, opt, sched, step + 1, meta)
             bar.update(task, advance=1, loss=f"{loss:.3f}" + (f" val {last_val:.3f}" if last_val else ""))
     model.save_pretrained(out / "model")
-    result = {**meta, "steps_done": cfg.steps, "final_val_loss": last_val,
+    result = {**meta, "align": read_json(out / "align.json") if (out / "align.json").exists() else None,
+              "steps_done": cfg.steps, "final_val_loss": last_val,
               "seconds_this_run": round(time.perf_counter() - t0, 1)}
     write_json(out / "sft.json", result)
     return result

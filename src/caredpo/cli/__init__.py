@@ -11,7 +11,7 @@ import warnings
 
 import typer
 
-from ..records import DataError
+from ..records import DataError, NonFiniteLossError
 from ..video import VideoError
 from . import captioner as _captioner
 from . import data as _data
@@ -32,7 +32,7 @@ _prefs.register(app)
 _dpo.register(app)
 
 # Errors a user can fix by changing their input; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (DataError, VideoError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DataError, VideoError, FileNotFoundError, NonFiniteLossError)
 
 
 def main(argv: list[str] | None = None) -> int:

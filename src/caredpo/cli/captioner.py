@@ -25,6 +25,8 @@ def sft(
     lora_rank: Optional[int] = typer.Option(None, "--lora-rank"),
     lr_projector: Optional[float] = typer.Option(None, "--lr-projector"),
     lr_lora: Optional[float] = typer.Option(None, "--lr-lora"),
+    align_steps: Optional[int] = typer.Option(None, "--align-steps",
+                                              help="Projector alignment steps before SFT (0: none)."),
     val_every: Optional[int] = typer.Option(None, "--val-every", help="Steps between val passes (0: at the end)."),
     val_videos: Optional[int] = typer.Option(None, "--val-videos", help="At most this many val videos."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (0: at the end)."),
@@ -40,8 +42,8 @@ def sft(
     set_threads(threads)
     model_kw = _given(lm=lm, lora_layers=lora_layers, lora_rank=lora_rank, seed=seed)
     sft_kw = _given(steps=steps, videos_per_step=videos_per_step, captions_per_video=captions_per_video,
-                    lr_projector=lr_projector, lr_lora=lr_lora, val_every=val_every, val_videos=val_videos,
-                    save_every=save_every, seed=seed)
+                    lr_projector=lr_projector, lr_lora=lr_lora, align_steps=align_steps, val_every=val_every,
+                    val_videos=val_videos, save_every=save_every, seed=seed)
     model_cfg, sft_cfg = _configs(preset, model_kw, sft_kw)
     dataset, store = load_data(data, features)
     model = VideoCaptioner(model_cfg)

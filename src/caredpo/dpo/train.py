@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .. import dist
 from ..io import append_jsonl, atomic_write_text, read_jsonl, write_json
-from ..records import DataError
+from ..records import DataError, NonFiniteLossError
 from .batch import FeatureFn, batch_loss, shared_loss
 from .loss import PAIR_MODES
 
@@ -46,10 +46,6 @@ MODES = {"dg-dpo": {}, "dpo": {"lambda_video": 0.0, "pairs": "best_worst"}}
 # fields that change the maths: a resumed run must keep them
 _RESUME_FIXED = ("mode", "beta", "lambda_video", "lambda_nll", "margin", "pairs", "lr", "weight_decay",
                  "warmup_steps", "groups_per_batch", "max_grad_norm", "seed", "dropout")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; training stopped before the bad update."""
 
 
 @dataclass(frozen=True)
