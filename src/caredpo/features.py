@@ -60,6 +60,11 @@ class FeatureConfig:
             raise ValueError(f"FeatureConfig: decode_workers and colour_levels must be >= 0, got "
                              f"{self.decode_workers} and {self.colour_levels}")
 
+    @property
+    def colour_bins(self) -> int:
+        """Channels of each cell's colour histogram (levels^3; 0 when off)."""
+        return self.colour_levels ** 3 if self.colour_levels else 0
+
     def key(self) -> dict:
         """What the features depend on (batching and threads do not change them)."""
         return {"model": MODEL_NAME, "num_frames": self.num_frames, "size": self.size, "grid": GRID,
@@ -245,7 +250,7 @@ def _encode_shard(model, items: list[_Decoded], config: FeatureConfig, skip_bad:
         else:
             raise VideoError(item.reason)
     per_batch = max(1, config.batch_size // config.num_frames)  # videos per forward pass
-    t, cells, bins = config.num_frames, GRID * GRID, config.colour_levels ** 3 if config.colour_levels else 0
+    t, cells, bins = config.num_frames, GRID * GRID, config.colour_bins
     parts = {"global": [torch.zeros(0, t, FEATURE_DIM)], "grid": [torch.zeros(0, t, cells, FEATURE_DIM)],
              "colour": [torch.zeros(0, t, cells, bins)]}
     for k in range(0, len(good), per_batch):

@@ -116,8 +116,9 @@ class Projector(nn.Module):
         for part in x.split(self.parts, dim=-1):
             scale = part.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
             normed.append(part * scale)
-            deltas.append((part - part.mean(1, keepdim=True)) * scale)
-        h = torch.cat(normed + (deltas if self.temporal_delta else []), -1) * self.gain
+            if self.temporal_delta:
+                deltas.append((part - part.mean(1, keepdim=True)) * scale)
+        h = torch.cat(normed + deltas, -1) * self.gain
         out = self.fc2(nn.functional.gelu(self.fc1(h)))  # [B, T, G, d]
         return out.reshape(B, T * G, -1) + self.pos
 

@@ -53,9 +53,9 @@ class RunConfig:
         if self.features.num_frames < self.captioner.num_frames:
             raise ValueError(f"RunConfig: the captioner wants {self.captioner.num_frames} frames, "
                              f"features have {self.features.num_frames}")
-        if self.captioner.colour_bins != self.features.colour_levels ** 3 * (self.features.colour_levels > 0):
+        if self.captioner.colour_bins != self.features.colour_bins:
             raise ValueError(f"RunConfig: the captioner wants {self.captioner.colour_bins} colour bins, features "
-                             f"have {self.features.colour_levels} levels (levels^3 bins)")
+                             f"have {self.features.colour_bins} ({self.features.colour_levels} levels a channel)")
 
     def retriever_config(self, name: str) -> RetrieverTrainConfig:
         variant, pooling = RETRIEVERS[name]
@@ -93,9 +93,10 @@ def _default(seed: int) -> RunConfig:
     # and lower layers learn to read the visual tokens (100-step SFT, 64 test clips, seed 0: right
     # shape 16 -> 19, background 55 -> 64, direction 0 -> 4; val NLL 1.30 -> 1.11).
     # The captioner sees each cell's colour histogram besides the CNN channels, and SFT starts with
-    # 1000 steps of projector alignment (align.py, ~4 min on CPU): on an H100 sweep (seed 0, 200 test
-    # clips, SFT 150 steps of 8 videos x 4 sentences) the captions' colour is right in 20% -> 44%
-    # (alignment) -> 77% (+ histograms) -> 86% (1000 alignment steps), the kind of motion in 22 -> 42%.
+    # 1000 steps of projector alignment (align.py, ~3 min on 2 quiet CPU cores): on an H100 sweep
+    # (seed 0, 200 test clips, SFT 150 steps of 8 videos x 4 sentences) the captions' colour is right
+    # in 20% -> 44% (alignment) -> 77% (+ histograms) -> 86% (1000 alignment steps), the kind of
+    # motion in 22 -> 42%.
     # With both, 2 sentences a video do as well as 4 at 2/3 of the cost (README, SFT).
     return RunConfig(
         preset="default", seed=seed,
