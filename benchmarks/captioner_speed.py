@@ -1,6 +1,7 @@
 """Captioner speed: our paths vs plain Hugging Face on the same model and inputs, side by side.
 
     python benchmarks/captioner_speed.py [--model RUN_OR_CAPTIONER_DIR] [--lm tiny] [--threads 2]
+                                         [--precision fp32|bf16|auto]
 
 Rows (medians over --repeats):
   sft step      ours: each video's prefix once, its KV cache shared by its captions, LM head only at
@@ -10,8 +11,9 @@ Rows (medians over --repeats):
   logprob       ours (shared prefix, head at caption positions)  vs  one forward with full logits
 Peak memory: growth of the process's peak RSS during the case (VmHWM reset before each case).
 GFLOP/s counts 2 x params x tokens (+ LM head where it is applied); x2 for a training step (backward
-through frozen weights computes input gradients only). Reference peak: ~400 GFLOP/s fp32 on 2 threads
-(the "of peak" column uses it whatever --threads is; on a shared machine expect far less).
+through frozen weights computes input gradients only). Both paths run at the captioner's precision
+(--precision, else its config's; the plain peers under the same autocast). "of peak" sets each row
+against the fp32 or bf16 matmul peak measured at the start of the run at --threads (benchmarks/peak.py).
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+from peak import describe, measure_peaks, share
 
-PEAK_GFLOPS = 400.0
 CAPTIONS = [
     "a small red circle slides from left to right over the grass and turns blue halfway",
     "a blue square moves down on sand",
@@ -80,13 +82,16 @@ def plain_inputs(model, rep, caps):
 
 
 def plain_loss(model, rep, caps):
-    emb, attn, labels = plain_inputs(model, rep, caps)
-    return model.lm(inputs_embeds=emb, attention_mask=attn, labels=labels).loss
+    with model.autocast():  # the same precision as our path
+        emb, attn, labels = plain_inputs(model, rep, caps)
+        return model.lm(inputs_embeds=emb, attention_mask=attn, labels=labels).loss.float()
 
 
 def plain_logprob(model, rep, caps):
-    emb, attn, labels = plain_inputs(model, rep, caps)
-    logp = model.lm(inputs_embeds=emb, attention_mask=attn).logits[:, :-1].log_softmax(-1)
+    with model.autocast():
+        emb, attn, labels = plain_inputs(model, rep, caps)
+        logits = model.lm(inputs_embeds=emb, attention_mask=attn).logits
+    logp = logits[:, :-1].float().log_softmax(-1)  # fp32 log-softmax, as ours
     tgt = labels[:, 1:]
     lp = logp.gather(2, tgt.clamp_min(0)[..., None])[..., 0]
     return (lp * (tgt != -100)).sum(1)
@@ -94,12 +99,12 @@ def plain_logprob(model, rep, caps):
 
 def hf_generate(model, feats, n, temperature, top_p, max_new, seed):
     torch.manual_seed(seed)
-    pre = model.prefix_embeds(feats)
-    out = model.base_lm.generate(
-        inputs_embeds=pre, attention_mask=torch.ones(pre.shape[:2], dtype=torch.long), do_sample=True,
-        temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new, num_return_sequences=n,
-        eos_token_id=model.eos_id, pad_token_id=model.pad_id)
-    return out
+    with model.autocast():
+        pre = model.prefix_embeds(feats)
+        return model.base_lm.generate(
+            inputs_embeds=pre, attention_mask=torch.ones(pre.shape[:2], dtype=torch.long), do_sample=True,
+            temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new, num_return_sequences=n,
+            eos_token_id=model.eos_id, pad_token_id=model.pad_id)
 
 
 # ------------------------------------------------------------------ cases
@@ -183,14 +188,15 @@ def _gen_row(G, n, name, t, mem, tok, P_lm, P_head, prefill_tokens) -> dict:
             "rate": f"{tok / t:.0f} tok/s", "per_s": tok / t, "gflops": fl / t / 1e9}
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"{'case':32} {'path':24} {'median s':>9} {'rate':>14} {'GFLOP/s':>8} {'of peak':>8} "
+def print_table(rows: list[dict], prec: str, peaks: dict[str, float]) -> None:
+    """All rows ran at `prec` ("fp32" | "bf16"): "of peak" is against that precision's peak."""
+    print(f"{'case':32} {'path':24} {'prec':>5} {'median s':>9} {'rate':>14} {'GFLOP/s':>8} {'of peak':>8} "
           f"{'peak MiB':>9} {'speed-up':>9}")
     for r in rows:  # speed-up = our rate / the peer's rate (tokens/s for generation)
         peer = [x["per_s"] for x in rows if x["case"] == r["case"] and x["path"] != "ours"]
         ratio = f"{r['per_s'] / peer[0]:.2f}x" if r["path"] == "ours" and peer else ""
-        print(f"{r['case']:32} {r['path']:24} {r['s']:9.3f} {r['rate']:>14} {r['gflops']:8.1f} "
-              f"{r['gflops'] / PEAK_GFLOPS:8.0%} {r['mem']:9.1f} {ratio:>9}")
+        print(f"{r['case']:32} {r['path']:24} {prec:>5} {r['s']:9.3f} {r['rate']:>14} {r['gflops']:8.1f} "
+              f"{share(r['gflops'], prec, peaks):8.0%} {r['mem']:9.1f} {ratio:>9}")
 
 
 def main() -> None:
@@ -198,6 +204,8 @@ def main() -> None:
     ap.add_argument("--model", help="trained captioner or SFT run folder (default: fresh SmolLM2 captioner)")
     ap.add_argument("--lm", default="smollm2", help="base LM for a fresh captioner: smollm2, tiny or a path")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                    help="precision of both paths (default: the captioner's config; fp32 for a fresh one)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sft-videos", type=int, default=4)
     ap.add_argument("--sft-captions", type=int, default=4)
@@ -208,12 +216,19 @@ def main() -> None:
     ap.add_argument("--lp-captions", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    import dataclasses
+
+    from caredpo import precision
     from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
 
+    peaks = measure_peaks()  # at --threads, before the model takes memory
     model = VideoCaptioner.from_pretrained(args.model) if args.model else VideoCaptioner(CaptionerConfig(lm=args.lm))
+    if args.precision:  # the model reads config.precision at every pass (model.autocast)
+        model.config = dataclasses.replace(model.config, precision=args.precision)
+    prec = precision.resolve(model.config.precision, model.device)
     print(f"threads={args.threads} lm={model.config.lm} lora_layers={model.config.lora_layers} "
-          f"visual tokens={model.config.num_visual_tokens}")
-    print_table(case_rows(model, args))
+          f"visual tokens={model.config.num_visual_tokens} precision={prec}; {describe(peaks)}")
+    print_table(case_rows(model, args), prec, peaks)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 Decoding: our sampler (`read_frames`, T of 16 frames) against the naive peer that converts every
 frame to RGB and picks T afterwards. Features: the pipeline as shipped (decode thread overlapping
 the CNN, channels_last) against the plain loop (decode inline, contiguous tensors). Medians over
-repeats; the CNN's FLOP rate is set against the ~400 GFLOP/s fp32 peak of this machine (2 threads).
+repeats; the CNN runs in fp32, so its FLOP rate is set against the fp32 matmul peak measured at
+the start of the run at --threads (benchmarks/peak.py).
 """
 from __future__ import annotations
 
@@ -21,8 +22,7 @@ import torch
 
 from caredpo.features import FeatureConfig, encode_frames, extract_features, load_frame_encoder, preprocess
 from caredpo.video import _square_resize, read_frames, sample_indices
-
-PEAK_GFLOPS = 400.0  # fp32 matmul on 2 threads here (DESIGN.md)
+from peak import describe, measure_peaks, share
 
 
 def load_data(path: Path, limit: int):
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    peaks = measure_peaks()  # at --threads
     ds = load_data(args.data, args.limit)
     paths = [ds.video_path(v) for v in ds.videos]
     base = FeatureConfig(num_frames=args.frames, size=args.size)
@@ -96,7 +97,7 @@ def main() -> None:
     ]
     for cl in (False, True):
         fps, gflops = sorted(time_cnn(base, cl) for _ in range(args.repeats))[args.repeats // 2]
-        rows.append((f"CNN only, channels_last={cl}", fps, f"{gflops:.1f} GFLOP/s = {gflops / PEAK_GFLOPS:.0%} of peak"))
+        rows.append((f"CNN only, channels_last={cl}", fps, f"{gflops:.1f} GFLOP/s = {share(gflops, 'fp32', peaks):.0%} of fp32 peak"))
     variants = {
         "features: inline decode, contiguous (peer)": FeatureConfig(**{**base.__dict__, "decode_workers": 0, "channels_last": False}),
         "features: decode thread, channels_last (ours)": base,
@@ -104,7 +105,7 @@ def main() -> None:
     for name, cfg in variants.items():
         rows.append((name, med(lambda: time_extract(ds, cfg)), ""))
     print(f"\n{len(paths)} videos, {args.frames} frames at {args.size} px, {args.threads} torch threads, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}; {describe(peaks)}")
     print(f"{'what':48s} {'frames/s':>10s}  note")
     for name, fps, note in rows:
         print(f"{name:48s} {fps:10.1f}  {note}")

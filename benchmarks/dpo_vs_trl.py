@@ -1,9 +1,10 @@
 """Our DPO trainer vs trl's DPOTrainer: same LM, same text-only prompt/chosen/rejected pairs.
 
-    python benchmarks/dpo_vs_trl.py [--lm smollm2] [--steps 6] [--batch 8]
+    python benchmarks/dpo_vs_trl.py [--lm smollm2|random|tiny] [--steps 6] [--batch 8] [--precision bf16|fp32]
 
-Each arm runs in its own subprocess (clean peak RSS), full fine-tune in fp32, AdamW, same lr,
-beta, batch size and threads:
+Each arm runs in its own subprocess (clean peak RSS), full fine-tune, AdamW, same lr, beta, batch
+size, threads and precision: fp32, or bf16 autocast over fp32 weights (ours: caredpo.precision, as
+the captioner's `precision`; trl: its own `DPOConfig(bf16=True)`, accelerate's CPU autocast):
   ours   caredpo.dpo.train (mode "dpo") on a text policy; reference log-probs precomputed once
          (their cost is timed and printed apart); only the policy is resident. The text policy does
          what the video captioner does: one prompt pass per distinct prompt, shared by chosen and
@@ -12,7 +13,7 @@ beta, batch size and threads:
   trl-pc trl.DPOTrainer with precompute_ref_log_probs=True (its precompute pass is not timed).
 Throughput = median pairs/s over the steps after warm-up; memory = peak RSS of the process.
 FLOP/s counts 2N per forward token and 6N per trained token (N = parameters used on it), against
-the ~400 GFLOP/s fp32 matmul peak of this 2-core machine (DESIGN.md).
+the matmul peak of the run's precision, measured at --threads before the arms start (peak.py).
 """
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ import time
 
 WORDS = ("red green blue circle square moves left right slowly quickly over grass sand the a and then "
          "turns small large object video scene bounces grows").split()
-PEAK_GFLOPS = 400.0
 
 
 def make_pairs(tok, n: int, prompt_tokens: int, seed: int = 0) -> list[dict]:
@@ -82,11 +82,17 @@ def text_policy_cls():
     class TextPolicy(nn.Module):
         """Captioner-protocol adapter for text: `features` are prompt ids [B, P] (equal P)."""
 
-        def __init__(self, lm, tok, completion_ids: dict[str, list[int]]):
+        def __init__(self, lm, tok, completion_ids: dict[str, list[int]], precision: str = "fp32"):
             super().__init__()
-            self.lm, self.tok, self.completion_ids = lm, tok, completion_ids
+            self.lm, self.tok, self.completion_ids, self.precision = lm, tok, completion_ids, precision
 
         def logprob(self, features, captions):
+            from caredpo import precision
+
+            with precision.autocast(self.precision):  # what VideoCaptioner.autocast() does
+                return self._logprob(features, captions)
+
+        def _logprob(self, features, captions):
             from transformers import DynamicCache
 
             uniq, inv = torch.unique(features, dim=0, return_inverse=True)
@@ -121,7 +127,7 @@ def run_ours(args) -> dict:
     for p, (_, c, r) in zip(pairs, split):  # captions are keyed by text (the Captioner protocol)
         completion_ids[p["chosen"]], completion_ids[p["rejected"]] = c, r
     prompts = {f"p{i}": torch.tensor(s[0]) for i, s in enumerate(split)}
-    policy = text_policy_cls()(model, tok, completion_ids)
+    policy = text_policy_cls()(model, tok, completion_ids, args.precision)
     feats = lambda ids: torch.stack([prompts[i] for i in ids])  # noqa: E731
     t0 = time.perf_counter()
     rows = precompute_refs(policy, pairs, feats, args.batch)
@@ -174,7 +180,7 @@ def run_trl(args, precompute: bool) -> dict:
                         learning_rate=args.lr, lr_scheduler_type="constant", beta=0.1, max_length=None,
                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                         disable_tqdm=True, seed=0, precompute_ref_log_probs=precompute,
-                        dataloader_num_workers=0, max_grad_norm=1.0)
+                        dataloader_num_workers=0, max_grad_norm=1.0, bf16=args.precision == "bf16")
         # trl's default reference is a second copy of the model; it would reload it from
         # config.architectures, which the GGUF conversion leaves empty, so we hand it the same copy.
         ref = None if precompute else load(args.lm)[0]
@@ -223,12 +229,16 @@ def child(args) -> None:
 
 
 def parent(args) -> None:
+    from peak import measure_peaks
+
+    peaks = measure_peaks(threads=args.threads)  # the arms' thread count, before they load anything
     results = {}
     for arm in args.arms.split(","):
         cmd = [sys.executable, __file__, "--arm", arm] + [f"--{k}={v}" for k, v in
                                                          (("lm", args.lm), ("steps", args.steps), ("batch", args.batch),
                                                           ("warmup", args.warmup), ("threads", args.threads),
-                                                          ("prompt-tokens", args.prompt_tokens), ("lr", args.lr))]
+                                                          ("prompt-tokens", args.prompt_tokens), ("lr", args.lr),
+                                                          ("precision", args.precision))]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -236,18 +246,21 @@ def parent(args) -> None:
             sys.exit(f"{arm} failed:\n{proc.stderr[-3000:]}")
         results[arm] = json.loads(line[-1][7:]) | {"wall_s": time.perf_counter() - t0}
         print(f"{arm}: {json.dumps(results[arm])}", file=sys.stderr, flush=True)
-    report(args, results)
+    report(args, results, peaks)
 
 
-def report(args, results: dict) -> None:
+def report(args, results: dict, peaks: dict[str, float]) -> None:
+    from peak import describe, share
+
     ours = results.get("ours")
-    print(f"\nDPO trainer vs trl {_trl_version()} | LM {args.lm}, full fine-tune fp32, {args.batch} pairs/step, "
-          f"{args.steps} steps ({args.warmup} warm-up), {args.threads} threads, prompt {args.prompt_tokens} tokens")
+    print(f"\nDPO trainer vs trl {_trl_version()} | LM {args.lm}, full fine-tune {args.precision}, {args.batch} "
+          f"pairs/step, {args.steps} steps ({args.warmup} warm-up), {args.threads} threads, prompt "
+          f"{args.prompt_tokens} tokens\n{describe(peaks)}; % peak against the {args.precision} one")
     print(f"{'arm':<8} {'pairs/s':>8} {'x ours':>7} {'peak RSS MB':>12} {'GFLOP/s':>8} {'% peak':>7} {'wall s':>7}")
     for arm, r in results.items():
         ratio = ours["pairs_per_s"] / r["pairs_per_s"] if ours else float("nan")
         print(f"{arm:<8} {r['pairs_per_s']:>8.2f} {ratio:>7.2f} {r['peak_rss_mb']:>12.0f} {r['gflops']:>8.1f} "
-              f"{100 * r['gflops'] / PEAK_GFLOPS:>6.0f}% {r['wall_s']:>7.1f}")
+              f"{100 * share(r['gflops'], args.precision, peaks):>6.0f}% {r['wall_s']:>7.1f}")
     if ours:
         print(f"ours: reference log-probs precomputed once at {ours['ref_precompute_pairs_per_s']:.1f} pairs/s "
               "(not in the step times; trl's default pays a reference forward every step)")
@@ -267,13 +280,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arm", choices=["ours", "trl", "trl-pc"], help="(internal) run one arm and print RESULT")
     ap.add_argument("--arms", default="ours,trl", help="comma list of ours, trl, trl-pc")
-    ap.add_argument("--lm", default="smollm2", help="smollm2 | random (mid-size random Llama) | local folder")
+    ap.add_argument("--lm", default="smollm2",
+                    help="smollm2 | random (mid-size random Llama) | tiny (seconds: a check) | local folder")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
+                    help="both arms: bf16 autocast over fp32 weights, or plain fp32")
     args = ap.parse_args()
     child(args) if args.arm else parent(args)
 

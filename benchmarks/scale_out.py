@@ -14,6 +14,8 @@
    top-10: torch exact (matmul + topk in chunks), FAISS IndexFlatIP (exact), FAISS HNSW32 only with
    --hnsw (its build takes minutes at 1M); recall@10 against exact. Then the evaluation's
    pessimistic ranks: exact chunked count vs FAISS top-100 + exact count for the rest (they must agree).
+   GFLOP/s of the exact searches (fp32) against the fp32 matmul peak measured at --threads
+   (benchmarks/peak.py).
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peak import describe, measure_peaks, share
+
 DIM, K, QUERIES = 384, 10, 1000
-PEAK_GFLOPS = 400.0  # fp32 matmul on this 2-core machine, 2 threads (DESIGN.md)
 
 
 # ---------------------------------------------------------------- DG-DPO, 1 vs 2 processes
@@ -205,14 +208,18 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         faiss.omp_set_num_threads(args.threads)
+        peaks = measure_peaks()  # at --threads
         rows, (t_count, t_faiss, agree, median_rank) = search_rows(args.gallery, args.repeats, args.hnsw)
         flop = 2 * QUERIES * args.gallery * DIM
         print(f"\nsearch {QUERIES} queries x {args.gallery:,} x {DIM}-d gallery, top-{K}, {args.threads} threads "
-              f"(median of {args.repeats}); GFLOP/s against the ~{PEAK_GFLOPS:.0f} fp32 peak")
-        print(f"{'method':30s} {'build s':>8s} {'search s':>9s} {'GFLOP/s':>8s} {'recall@10':>10s}")
-        for name, built, sec, recall in rows:  # GFLOP/s only where the whole product is computed
-            rate = f"{flop / sec / 1e9:8.0f}" if "HNSW" not in name else f"{'-':>8s}"
-            print(f"{name:30s} {built:8.1f} {sec:9.2f} {rate} {recall:10.3f}")
+              f"(median of {args.repeats}); {describe(peaks)}")
+        print(f"{'method':30s} {'build s':>8s} {'search s':>9s} {'GFLOP/s':>8s} {'of fp32 peak':>13s} "
+              f"{'recall@10':>10s}")
+        for name, built, sec, recall in rows:  # GFLOP/s only where the whole product is computed (fp32)
+            exact = "HNSW" not in name
+            rate = f"{flop / sec / 1e9:8.0f}" if exact else f"{'-':>8s}"
+            of_peak = f"{share(flop / sec / 1e9, 'fp32', peaks):13.0%}" if exact else f"{'-':>13s}"
+            print(f"{name:30s} {built:8.1f} {sec:9.2f} {rate} {of_peak} {recall:10.3f}")
         print(f"pessimistic ranks (evaluation): exact chunked count {t_count:.2f} s, FAISS top-100 + count "
               f"{t_faiss:.2f} s; identical: {agree} (median rank {median_rank:.0f})")
 

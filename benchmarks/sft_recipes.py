@@ -6,7 +6,7 @@ Each variant (overrides of the `default` preset's SFT and captioner configs) fin
 captioner on the run's training clips, writes greedy captions for its test clips and judges them with
 `caredpo.captioner.factors`. The table gives val NLL, SFT seconds and the % of test captions that
 state each factor right. `default` is the `default` preset's recipe (1000 steps of projector
-alignment, then 150 steps of 8 videos x 2 sentences); `no_align` leaves the alignment out. On 2 CPU
+alignment, then 150 steps of 8 videos x 2 specific sentences); `no_align` leaves the alignment out. On 2 CPU
 cores a variant takes 10 to 20 minutes; on one H100 a 150-step variant takes about 3 minutes
 (launch-bound: run several at once).
 """
@@ -22,7 +22,9 @@ import torch
 
 # name -> (SFTConfig overrides, CaptionerConfig overrides) on the `default` preset's own configs
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "default": ({}, {}),  # colour histograms, 1000 alignment steps, then 150 steps of 8 videos x 2 sentences
+    "default": ({}, {}),  # colour histograms, 1000 alignment steps, then 150 steps of 8 videos x 2 specific sentences
+    "all_sentences": ({"sentences": "all"}, {}),  # targets of every specificity, as before the fine-grained recipe
+    "fp32": ({}, {"precision": "fp32"}),
     "no_align": ({"align_steps": 0}, {}),
     "align_250": ({"align_steps": 250}, {}),
     "cap4": ({"captions_per_video": 4}, {}),
@@ -49,7 +51,8 @@ def run_variant(name: str, dataset, store, device: str, out: Path, lm: str = "sm
     captions = []
     for i in range(0, len(test), 100):
         feats = store.grid_feats([v.id for v in test[i:i + 100]])
-        captions += [c[0] for c in model.generate(feats, n=1, temperature=0.0, max_new_tokens=24, seed=0)]
+        captions += [c[0] for c in model.generate(feats, n=1, temperature=0.0,
+                                                  max_new_tokens=preset.test_captions.max_new_tokens, seed=0)]
     row = {"variant": name, "steps": sft.steps, "val_nll": res["final_val_loss"], "sft_seconds": round(seconds, 1),
            "right": factor_scores((c, v.factors) for c, v in zip(captions, test)),
            "distinct_captions": len(set(captions)), "captions": dict(zip([v.id for v in test], captions))}
@@ -64,7 +67,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         cells = " ".join(f"{r['right'].get(c, float('nan')):10.1f}" for c in FACTORS)
         print(f"{r['variant']:14s} {r['steps']:5d} {r['val_nll']:7.3f} {r['sft_seconds']:7.1f} {cells}")
-    print("(columns after SFT s: % of test captions stating the factor right; greedy, 24 new tokens)")
+    print("(columns after SFT s: % of test captions stating the factor right; greedy, the preset's max_new_tokens)")
 
 
 def main(argv: list[str] | None = None) -> int:

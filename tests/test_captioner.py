@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from caredpo.captioner.base import Captioner
-from caredpo.captioner.factors import (direction_correct, factor_scores, first_mention, motion_correct,
-                                      stated_directions, stated_motion_kinds)
+from caredpo.captioner.factors import (direction_correct, factor_correct, factor_scores, first_mention,
+                                      motion_correct, stated_directions, stated_events, stated_motion_kinds)
 from caredpo.captioner.generate import SamplingConfig, generate_captions, load_captions
 from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
 from caredpo.captioner.sampling import pick_tokens
@@ -327,3 +327,37 @@ def test_factor_scores_by_hand():
     scores = factor_scores(rows)
     assert scores == {"n": 4, "colour": 75.0, "shape": 75.0, "size": 66.7, "background": 66.7,
                       "motion": 66.7, "direction": 33.3}  # "moves down": right kind (vertical), wrong way
+
+
+BRIEF_CLIP = {"events": [{"type": "hop", "start": 0.15}, {"type": "leave", "start": 0.2},
+                         {"type": "flash", "start": 0.6, "colour": "red"}]}
+
+
+@pytest.mark.parametrize("caption, clip, ok", [
+    ("a ball hops and then briefly turns red", BRIEF_CLIP, False),                     # the leave is missing
+    ("a ball sees a blue box exit to the left in the first half and hops, and later flashes red",
+     BRIEF_CLIP, True),                                                                # lasting first, then in order
+    ("a ball is left alone when a small blue plus sign leaves to the left and flashes red before it hops",
+     BRIEF_CLIP, False),                                                               # the brief pair reversed
+    ("a disc turns blue halfway", {"events": [{"type": "colour_change", "at": 0.5, "to": "blue"}]}, True),
+    ("a disc becomes turquoise in the middle", {"events": [{"type": "colour_change", "to": "cyan"}]}, True),
+    ("a disc turns red halfway", {"events": [{"type": "colour_change", "to": "blue"}]}, False),  # twin's colour
+    ("a disc shrinks halfway through", {"events": [{"type": "grow"}]}, False),
+    ("a disc on snow", {"events": [{"type": "grow"}]}, False),
+])
+def test_events_check(caption, clip, ok):
+    assert factor_correct(caption, clip, "events") is ok
+
+
+def test_events_stated_in_order_and_every_reference_sentence_is_right():
+    assert stated_events("it first flashes red, then pulses and shrinks halfway through") == [
+        ("flash", None), ("pulse", None), ("shrink", None)]  # "shrinks halfway through" read once
+    assert factor_correct("anything", {}, "events") is None
+    from caredpo.data.twinclips import TwinClipsConfig, plan_clips, plan_sentences
+
+    config = TwinClipsConfig.preset("smoke")
+    plans = plan_clips(config)
+    factors = {p.video_id: p.factors for p in plans}
+    for s in plan_sentences(config, plans):  # the grammar's specific sentences state them right
+        if s["specificity"] == "specific":
+            assert factor_correct(s["caption"], factors[s["video_id"]], "events"), s["caption"]

@@ -235,3 +235,27 @@ def test_resume_redoes_only_missing_or_stale_clips(smoke_dir, tmp_path):
 def test_clip_hash_changes_with_config():
     f = plan_clips(SMOKE)[0].factors
     assert clip_hash(SMOKE, f) != clip_hash(dataclasses.replace(SMOKE, size=96), f)
+
+
+def test_reworded_queries_share_no_phrase_with_the_grammar():
+    """tests/data/reworded_queries_s0.json is what tests/data/reworded_queries.py writes for the
+    default seed-0 test split, and the judge finds none of the grammar's direction or event
+    phrases (nor its synonyms) in it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from caredpo.captioner.factors import stated_directions, stated_events
+    from caredpo.data.twinclips import TwinClipsConfig, plan_clips
+
+    data = Path(__file__).parent / "data"
+    spec = importlib.util.spec_from_file_location("reworded_queries", data / "reworded_queries.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plans = plan_clips(TwinClipsConfig.preset("default", seed=0))
+    videos = [{"video_id": p.video_id, "split": p.split, "factors": p.factors} for p in plans]
+    queries = module.reworded_queries({"videos": videos})
+    assert queries == json.loads((data / "reworded_queries_s0.json").read_text())
+    assert len(queries) == sum(p.split == "test" for p in plans)
+    for (q,) in queries.values():
+        assert stated_directions(q) == set() and stated_events(q) == [], q

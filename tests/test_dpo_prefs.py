@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from caredpo.dpo.prefs import GROUPS_FILE, PrefsConfig, _contrastive, build_preferences, hard_negatives
+from caredpo.dpo.prefs import (GROUPS_FILE, PrefsConfig, _contrastive, _rewards, build_preferences, factor_diagnostics,
+                               hard_negatives)
 from caredpo.dpo.train import load_groups
 from caredpo.records import Dataset, DataError, Sentence, Video
 
@@ -126,3 +127,54 @@ def test_without_groups_neighbours_come_from_the_embedding():
     emb[1] = emb[0] + 0.1 * emb[1]  # v01 is v00's nearest neighbour
     negs = hard_negatives(ds, ids, lambda vs: emb[[ids.index(v) for v in vs]], k=2)
     assert negs["v00"][0] == "v01" and len(negs["v00"]) == 2 and "v00" not in negs["v00"]
+
+
+class BigramScorer(WordScorer):
+    """S(q, c) = shared word bigrams: order-sensitive, like a retriever trained on specific pairs."""
+
+    def similarity(self, queries, feats, captions):
+        grams = lambda t: set(zip(t.split(), t.split()[1:]))
+        return torch.tensor([[float(len(grams(q) & grams(c))) for c in captions] for q in queries])
+
+
+def direction_dataset() -> Dataset:
+    videos, sents = [], []
+    for i, (a, b) in enumerate([("left", "right"), ("right", "left")]):
+        vid = f"v{i}"
+        videos.append(Video(vid, f"{vid}.mp4", "train", "g0", factors={"motion": f"{a}-to-{b}"}))
+        sents += [Sentence(vid, "a red circle on grass", "generic"),
+                  Sentence(vid, f"a red circle moves from {a} to {b}", "specific")]
+    return Dataset("/nowhere", videos, sents)
+
+
+def test_reward_ranks_the_right_direction_above_the_twins():
+    ds = direction_dataset()
+    store = Store(["v0", "v1"])
+    greedy = {"v0": "a red circle moves from left to right", "v1": "a red circle moves from right to left"}
+    caps = ["a red circle moves from left to right", "a red circle moves from right to left", "a red circle"]
+    for queries in ("specific", "all"):
+        r = _rewards(BigramScorer(), ds, store, "v0", caps, ["v1"], greedy, PrefsConfig(reward_queries=queries))
+        assert r[0] > r[1] and r[0] > r[2]  # the right direction beats the twin's and beats saying nothing
+    # only discriminative queries: the generic sentence, which every twin matches, is not a query
+    sim = BigramScorer().similarity
+    seen = []
+    BigramScorer.similarity = lambda self, q, f, c: seen.append(q) or sim(q, f, c)
+    try:
+        _rewards(BigramScorer(), ds, store, "v0", caps, ["v1"], greedy, PrefsConfig())
+    finally:
+        BigramScorer.similarity = sim.__func__
+    assert seen == [["a red circle moves from left to right"]]
+
+
+def test_factor_diagnostics_by_hand():
+    ds = direction_dataset()
+    right, wrong = "it moves from left to right", "it moves from right to left"
+    rows = [{"video_id": "v0", "captions": [right, wrong, "a circle"], "rewards": [1.0, 0.0, 1.0], "best": 0},
+            {"video_id": "v0", "captions": [wrong, right, wrong], "rewards": [2.0, 1.0, 1.0], "best": 0},
+            {"video_id": "v0", "captions": [wrong, wrong, wrong], "rewards": [0.0, 1.0, 2.0], "best": 2}]
+    d = factor_diagnostics(rows, ds, "direction")
+    assert d["direction_any_right"] == pytest.approx(2 / 3)
+    assert d["direction_best_right"] == pytest.approx(1 / 2)
+    # pairs (right, wrong): row 1: (0,1) win, (0,2) "a circle" is wrong too: tie -> 0.5; row 2: (1,0) loss, (1,2) tie
+    assert d["direction_pair_acc"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert factor_diagnostics(rows, ds, "events") == {}  # the clips have no events

@@ -13,7 +13,8 @@ from caredpo.records import Dataset, Sentence, Video
 from caredpo.retrieval.loss import info_nce
 from caredpo.retrieval.model import Retriever, RetrieverConfig
 from caredpo.retrieval.score import Scorer, evaluate, reference_captions, similarity_matrix
-from caredpo.retrieval.train import draw_pairs, preset, train_retriever, twin_groups
+from caredpo.retrieval.train import (RetrieverTrainConfig, draw_pairs, epoch_batches, preset, train_retriever,
+                                    twin_groups)
 
 COLOURS = ["red", "blue", "green", "yellow", "white", "black"]
 MOTIONS = ["left to right", "right to left", "upwards", "downwards"]
@@ -205,7 +206,7 @@ def test_caption_draws_never_leak_the_query():
     rng = random.Random(0)
     pool = {train[0]: ["a generated caption", ds.sentences_of(train[0])[0]]}
     for _ in range(50):
-        qs, caps = draw_pairs(ds, train, pool, 0.0, rng)
+        qs, caps = draw_pairs(ds, train, pool, RetrieverTrainConfig(), rng)
         assert all(c is not None and c != q for q, c in zip(qs, caps))
     ref = reference_captions(ds, "test", seed=3)
     assert set(ref) == {v.id for v in ds.split("test")}
@@ -332,3 +333,38 @@ def test_reference_captions_prefer_specific_sentences_and_never_the_query():
         assert caps["a"] == "a red circle slides left and turns blue"  # the only specific non-query
         assert caps["b"] == "a blue square falls"
         assert caps["c"] is None  # its only sentence is its query: no caption rather than a leak
+
+
+def with_specificity(ds: Dataset) -> Dataset:
+    """The synthetic set with its last sentence of each video marked specific, the rest generic."""
+    last = {s.video_id: s.text for s in ds.sentences}
+    sents = [Sentence(s.video_id, s.text, "specific" if last[s.video_id] == s.text else "generic")
+             for s in ds.sentences]
+    extra = [Sentence(v.id, f"a second specific sentence of {v.id}", "specific") for v in ds.videos]
+    return Dataset(ds.root, ds.videos, sents + extra, ds.queries, name=ds.name)
+
+
+def test_fine_recipe_draws_discriminative_queries_and_mixes_generated_captions():
+    ds = with_specificity(synthetic()[0])
+    train = [v.id for v in ds.split("train")]
+    pool = {v: [f"generated for {v}"] for v in train}
+    batches = epoch_batches(twin_groups(ds, train), 2, seed=0, epoch=0)
+    assert all(len({ds.by_id[v].group for v in b}) == 2 and len(b) == 8 for b in batches)  # twins together
+    cfg = RetrieverTrainConfig(query_sentences="specific", caption_sentences="specific", generated_caption_prob=0.25)
+    rng, n_generated, n = random.Random(0), 0, 0
+    for batch in batches * 20:
+        qs, caps = draw_pairs(ds, batch, pool, cfg, rng)
+        for v, q, c in zip(batch, qs, caps):
+            specific = ds.specific_sentences_of(v)
+            assert q in specific and len(specific) == 2 and c != q
+            assert c == pool[v][0] or c in specific
+            n_generated, n = n_generated + (c == pool[v][0]), n + 1
+    assert 0.2 < n_generated / n < 0.3
+    only_refs = replace(cfg, generated_caption_prob=0.0)
+    assert all(c in ds.specific_sentences_of(v) for b in batches
+               for v, c in zip(b, draw_pairs(ds, b, pool, only_refs, rng)[1]))
+    # no specificity marks (real data sets): every sentence can be a query
+    plain = synthetic()[0]
+    assert plain.specific_sentences_of(train[0]) == plain.sentences_of(train[0])
+    with pytest.raises(ValueError, match="query_sentences"):
+        RetrieverTrainConfig(query_sentences="medium")

@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 
 class DataError(ValueError):
@@ -75,6 +75,19 @@ class Dataset:
     def sentences_of(self, video_id: str) -> list[str]:
         return self._sentences_by_video.get(video_id, [])
 
+    @cached_property
+    def _specific_by_video(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = defaultdict(list)
+        for s in self.sentences:
+            if s.specificity == "specific":
+                out[s.video_id].append(s.text)
+        return dict(out)
+
+    def specific_sentences_of(self, video_id: str) -> list[str]:
+        """The sentences that can tell a video from its look-alikes: those marked "specific" where
+        the data set marks specificity (TwinClips), else every sentence (real data sets)."""
+        return self._specific_by_video.get(video_id) or self.sentences_of(video_id)
+
     def split(self, name: str) -> list[Video]:
         return [v for v in self.videos if v.split == name]
 
@@ -92,3 +105,16 @@ class Dataset:
         if g is None:
             return []
         return [v.id for v in self.videos if v.group == g and v.id != video_id]
+
+
+# name -> the reference sentences of a video that a stage draws from (SFT targets, retriever queries
+# and captions, reward queries): "all", or "specific" (`Dataset.specific_sentences_of`)
+SENTENCE_POOLS: dict[str, Callable[[Dataset, str], list[str]]] = {
+    "all": Dataset.sentences_of,
+    "specific": Dataset.specific_sentences_of,
+}
+
+
+def check_pool(name: str, owner: str) -> None:
+    if name not in SENTENCE_POOLS:
+        raise ValueError(f"{owner} must be one of {sorted(SENTENCE_POOLS)}, got {name!r}")

@@ -95,8 +95,10 @@ def align_projector(model, store, sentences: Mapping[str, Sequence[str]], train_
             if len(order) < batch:  # the rest of this epoch, then the next one's shuffle
                 order = torch.cat([order, torch.randperm(len(train_ids), generator=gen)])
             rows, order = order[:batch], order[batch:]
-            visual = model.projector(model._frames(store.grid_feats([train_ids[i] for i in rows])))
-            loss = bag_of_words_loss(word_logits(visual, words, log_scale.exp()), targets[rows.to(model.device)])
+            with model.autocast():
+                visual = model.projector(model._frames(store.grid_feats([train_ids[i] for i in rows])))
+                logits = word_logits(visual, words, log_scale.exp()).float()
+            loss = bag_of_words_loss(logits, targets[rows.to(model.device)])
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"projector alignment step {len(losses) + 1}: non-finite loss "
                                          f"({float(loss.detach())}); lower align_lr (now {lr})")

@@ -11,13 +11,17 @@ each clip's `factors` record; a clip without a factor (a real data set) is left 
                             equals the clip's: generic ("moves sideways") or from a direction. Twins
                             share it, so a caption can be right here and still not tell them apart
     direction               the set of motion directions stated equals the clip's
+    events                  the events stated, in the order stated, equal the clip's (type, and the
+                            new colour of a colour change): "hops and then flashes red" is wrong for
+                            a clip that flashes first. Like direction, this tells twins apart
 """
 from __future__ import annotations
 
 import re
 from typing import Iterable, Mapping
 
-from ..data.grammar import AXIS_OF, BACKGROUND_WORDS, COLOUR_WORDS, MOTION_MEDIUM, SHAPE_WORDS, SIZE_WORDS
+from ..data.grammar import (AXIS_OF, BACKGROUND_WORDS, BRIEF, COLOUR_WORDS, EVENT_SPECIFIC, MOTION_MEDIUM, SHAPE_WORDS,
+                            SIZE_WORDS)
 
 # TwinClips motion factor -> phrases that state it (the grammar's verb phrases plus a few synonyms).
 # Bare "to the left/right" is left out on purpose: the second object "leaves to the right" too.
@@ -58,7 +62,23 @@ _KIND_PHRASES = sorted(((p, k) for k, ps in MOTION_KIND_PHRASES.items() for p in
 _BACKGROUND_PHRASES = [c for cues in BACKGROUND_CUES.values() for c in cues]
 # factor -> (key -> words); the first word found decides
 FIRST_WORD_FACTORS = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "size": SIZE_WORDS}
-FACTORS = ("colour", "shape", "size", "background", "motion", "direction")
+FACTORS = ("colour", "shape", "size", "background", "motion", "direction", "events")
+# Slots of the grammar's event phrases -> what the caption may put there ({to}: the new colour, kept)
+_SLOTS = {"to": r"(?P<to>[a-z]+)", "from": r"[a-z]+", "colour": r"[a-z]+", "side": r"[a-z]+",
+          "second": r"[a-z]+(?: [a-z]+){0,4}?"}
+
+
+def _event_regex(template: str) -> re.Pattern:
+    """A grammar event template ("turns {to} halfway") -> a regex over normalised captions."""
+    parts = re.split(r"\{(\w+)\}", template)  # literal, slot, literal, ...
+    body = "".join(_SLOTS[x] if i % 2 else re.escape(x) for i, x in enumerate(parts))
+    return re.compile(rf"(?<![a-z-]){body}(?![a-z])")
+
+
+# (regex, event type), longest template first, so "shrinks halfway through" wins over "shrinks halfway"
+_EVENT_PATTERNS = [(_event_regex(t), e) for t, e in
+                   sorted(((t, e) for e, ts in EVENT_SPECIFIC.items() for t in ts), key=lambda x: -len(x[0]))]
+_COLOUR_OF = {w: key for key, ws in COLOUR_WORDS.items() for w in ws}
 
 
 def _normal(caption: str) -> str:
@@ -98,6 +118,31 @@ def stated_motion_kinds(caption: str) -> set[str]:
     return {AXIS_OF[d] for d in directions} | _take(rest, _KIND_PHRASES)[0]
 
 
+def stated_events(caption: str) -> list[tuple[str, str | None]]:
+    """The events a caption states, in the order stated: (type, new colour of a colour change)."""
+    text, found = _normal(caption), []
+    for pattern, event in _EVENT_PATTERNS:
+        for m in pattern.finditer(text):
+            detail = _COLOUR_OF.get(m.group("to")) if event == "colour_change" else None
+            found.append((m.start(), event, detail))
+        text = pattern.sub(lambda m: " " * len(m.group(0)), text)  # blank, keeping the positions
+    return [(event, detail) for _, event, detail in sorted(found)]
+
+
+def events_correct(caption: str, factors: Mapping) -> bool | None:
+    """True if the caption states the clip's events and no others: its lasting events (with the new
+    colour of a colour change) and its brief events in the clip's order (the grammar's specific
+    sentences name lasting events first, then the brief pair in order)."""
+    truth = factors.get("events")
+    if not truth:
+        return None
+    want = [(e["type"], e.get("to") if e["type"] == "colour_change" else None) for e in truth]
+    said = stated_events(caption)
+    brief = [e for e in want if e[0] in BRIEF]
+    return sorted(e for e in said if e[0] not in BRIEF) == sorted(e for e in want if e[0] not in BRIEF) \
+        and [e for e in said if e[0] in BRIEF] == brief
+
+
 def stated_backgrounds(caption: str) -> set[str]:
     text = _normal(caption)
     return {name for name, cues in BACKGROUND_CUES.items() if any(_find(text, c) for c in cues)}
@@ -134,7 +179,8 @@ def background_correct(caption: str, factors: Mapping) -> bool | None:
 
 
 # factor -> its check; colour, shape and size use the first word named (first_mention)
-CHECKS = {"background": background_correct, "motion": motion_correct, "direction": direction_correct}
+CHECKS = {"background": background_correct, "motion": motion_correct, "direction": direction_correct,
+          "events": events_correct}
 
 
 def factor_correct(caption: str, factors: Mapping, factor: str) -> bool | None:

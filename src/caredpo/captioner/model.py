@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import precision
 from ..io import write_json
 from .batching import caption_ids, caption_logprobs, distinct_rows
 from .lm import load_lm
@@ -54,6 +55,7 @@ class CaptionerConfig:
     lora_targets: tuple[str, ...] = LLAMA_TARGETS  # module names inside a decoder layer
     prompt: str = "Describe the video in one sentence."
     chat_format: str = "chatml"  # key of CHAT_FORMATS
+    precision: str = "fp32"  # "auto" | "fp32" | "bf16" (autocast; weights stay fp32): caredpo.precision
     seed: int = 0  # init of the projector (and of the tiny LM)
 
     def __post_init__(self) -> None:
@@ -69,6 +71,7 @@ class CaptionerConfig:
             raise ValueError(f"CaptionerConfig.chat_format must be one of {sorted(CHAT_FORMATS)}, got {self.chat_format!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"CaptionerConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        precision.check(self.precision, "CaptionerConfig")
 
     @property
     def input_dim(self) -> int:
@@ -217,15 +220,20 @@ class VideoCaptioner(nn.Module):
             raise ValueError(f"{features.shape[0]} videos but {len(captions)} captions")
         ids, mask = self.encode_captions(captions)
         uniq, inv = distinct_rows(features)
-        last, cache = self.prefill(uniq)
-        if uniq.shape[0] != features.shape[0] or not torch.equal(inv, torch.arange(len(inv))):
-            cache.batch_select_indices(inv.to(self.device))
-            last = last[inv.to(self.device)]
-        hidden = last[:, None]  # position P-1 predicts caption token 0
-        if ids.shape[1] > 1:  # caption tokens 0..L-2 predict tokens 1..L-1
-            out = self.decoder(inputs_embeds=self.embed(ids[:, :-1]), cache=cache, use_cache=True)
-            hidden = torch.cat([hidden, out.last_hidden_state], 1)
-        return caption_logprobs(self.lm_head, hidden, ids, mask), mask
+        with self.autocast():
+            last, cache = self.prefill(uniq)
+            if uniq.shape[0] != features.shape[0] or not torch.equal(inv, torch.arange(len(inv))):
+                cache.batch_select_indices(inv.to(self.device))
+                last = last[inv.to(self.device)]
+            hidden = last[:, None]  # position P-1 predicts caption token 0
+            if ids.shape[1] > 1:  # caption tokens 0..L-2 predict tokens 1..L-1
+                out = self.decoder(inputs_embeds=self.embed(ids[:, :-1]), cache=cache, use_cache=True)
+                hidden = torch.cat([hidden, out.last_hidden_state.to(hidden.dtype)], 1)
+            return caption_logprobs(self.lm_head, hidden, ids, mask), mask
+
+    def autocast(self):
+        """The context every LM pass runs in (bf16 autocast or none; see caredpo.precision)."""
+        return precision.autocast(self.config.precision, self.device)
 
     def logprob(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Summed log p(caption + EOS | video, prompt) -> [B]. Differentiable."""
@@ -263,11 +271,12 @@ class VideoCaptioner(nn.Module):
             raise ValueError(f"{len(seed)} seeds for {features.shape[0]} videos")
         gen = None if seed is None or per_video else torch.Generator(self.device).manual_seed(seed)
         table = video_uniforms(seed, n, max_new_tokens).to(self.device) if per_video else None
-        h, cache = self.prefill(features)
-        if n > 1:
-            cache.batch_repeat_interleave(n)
-            h = h.repeat_interleave(n, 0)
-        return sample_loop(self, h, cache, features.shape[0] * n, temperature, top_p, max_new_tokens, gen, table)
+        with self.autocast():
+            h, cache = self.prefill(features)
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+                h = h.repeat_interleave(n, 0)
+            return sample_loop(self, h, cache, features.shape[0] * n, temperature, top_p, max_new_tokens, gen, table)
 
     def _decode(self, row: list[int]) -> str:
         if self.eos_id in row:

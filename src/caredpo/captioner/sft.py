@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..io import append_jsonl, read_json, write_json
-from ..records import DataError, Dataset, NonFiniteLossError
+from ..records import SENTENCE_POOLS, DataError, Dataset, NonFiniteLossError, check_pool
 from .align import align_projector
 from .model import VideoCaptioner, _replace_dir
 
@@ -50,6 +50,7 @@ class SFTConfig:
     align_steps: int = 250  # projector alignment steps before SFT (align.py; 0 = off; not redone on resume)
     align_lr: float = 1e-3  # AdamW learning rate of the projector during alignment
     align_batch_videos: int = 64  # videos per alignment step
+    sentences: str = "all"  # SFT (and alignment) targets: "all" sentences or "specific" (records.SENTENCE_POOLS)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +63,7 @@ class SFTConfig:
                 raise ValueError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"SFTConfig.val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_pool(self.sentences, "SFTConfig.sentences")
         if not (self.train_projector or self.train_lora):
             raise ValueError("SFTConfig: nothing to train (train_projector and train_lora are both off)")
 
@@ -190,7 +192,7 @@ def train_sft(model: VideoCaptioner, dataset: Dataset, store, out_dir: str | Pat
 
     out = Path(out_dir)
     train_ids, val_ids = split_train_val(dataset, set(store.ids), cfg)
-    sentences = {v: dataset.sentences_of(v) for v in train_ids + val_ids}
+    sentences = {v: SENTENCE_POOLS[cfg.sentences](dataset, v) for v in train_ids + val_ids}
     val_ids = val_ids[: cfg.val_videos]
     meta = {"sft": asdict(cfg), "captioner": asdict(model.config), "data": str(dataset.root),
             "train_videos": len(train_ids), "val_videos": len(val_ids)}

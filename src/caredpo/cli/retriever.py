@@ -20,7 +20,7 @@ def train(
     data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
     features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
     out: Path = typer.Option(..., "--out", help="Run folder: log.jsonl, checkpoint/, model/, metrics.json."),
-    preset: str = typer.Option("default", "--preset", help="default (MiniLM) or smoke (tiny random encoder)."),
+    preset: str = typer.Option("default", "--preset", help="default (MiniLM, the fine-grained recipe), default-uniform (the recipe before it) or smoke (tiny random encoder)."),
     variant: str = typer.Option("caption_role", "--variant", help="no_caption, caption or caption_role."),
     pooling: str = typer.Option("mean", "--video-pooling", help="mean (one video token) or sequence (one per frame)."),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Generated captions.jsonl added to the caption draws."),

@@ -26,7 +26,7 @@ import torch
 
 from .. import dist
 from ..io import append_jsonl, merge_parts, part_path, part_paths, read_jsonl, write_json
-from ..records import Dataset, DataError
+from ..records import SENTENCE_POOLS, Dataset, DataError, check_pool
 
 GROUPS_FILE = "groups.jsonl"
 META_FILE = "prefs.json"
@@ -56,6 +56,9 @@ class PrefsConfig:
     top_p: float = 0.95  # nucleus mass kept when sampling
     max_new_tokens: int = 32  # longest sampled caption, in tokens
     reward: str = "contrastive"  # key of REWARDS
+    # the q of the reward: "specific" sentences (those that tell twins apart; every sentence on
+    # data sets that do not mark specificity) or "all" (records.SENTENCE_POOLS)
+    reward_queries: str = "specific"
     num_neighbours: int = 3  # hard negatives per video where the data set has no twin groups
     max_videos: int = 0  # use only the first training videos, whole twin groups, at most N (0: all)
     seed: int = 0  # group g samples with seed * 1_000_003 + crc32(g): stable under resume
@@ -67,6 +70,7 @@ class PrefsConfig:
             raise ValueError(f"PrefsConfig.reward must be one of {sorted(REWARDS)}, got {self.reward!r}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError("PrefsConfig: need temperature > 0 and 0 < top_p <= 1 (sampling, not greedy)")
+        check_pool(self.reward_queries, "PrefsConfig.reward_queries")
         if self.max_new_tokens < 1 or self.num_neighbours < 1 or self.max_videos < 0:
             raise ValueError("PrefsConfig: max_new_tokens, num_neighbours >= 1 and max_videos >= 0")
 
@@ -134,7 +138,7 @@ def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str |
         if dist.is_main():
             merge_parts(path, [v for u in all_units for v in u])
     if dist.is_main():
-        write_json(out / META_FILE, {"config": asdict(config), **summarize(list(read_jsonl(path)))})
+        write_json(out / META_FILE, {"config": asdict(config), **summarize(list(read_jsonl(path)), dataset)})
     dist.barrier()  # every process returns with the merged file in place
     return path
 
@@ -184,18 +188,59 @@ def _rewards(scorer, dataset, store, v, caps, negs, greedy, config) -> torch.Ten
     """[K] rewards of v's sampled captions against its twins carrying their greedy captions."""
     k = len(caps)
     feats = store.global_feats([v] * k + list(negs))  # [K + M, T, F]
-    sim = scorer.similarity(dataset.sentences_of(v), feats, list(caps) + [greedy[u] for u in negs])
+    sim = scorer.similarity(SENTENCE_POOLS[config.reward_queries](dataset, v), feats, list(caps) + [greedy[u] for u in negs])
     return REWARDS[config.reward](sim * scorer.model.logit_scale().item(), k)
 
 
-def summarize(rows: Sequence[dict]) -> dict:
-    """Numbers that tell whether the rewards can teach anything (spread, ties, diversity)."""
+def summarize(rows: Sequence[dict], dataset: Dataset | None = None) -> dict:
+    """Numbers that tell whether the rewards can teach anything: spread, ties, diversity and, where
+    the data set has clip factors, whether the reward prefers the samples that state them right."""
     if not rows:
         return {"videos": 0}
     r = torch.tensor([row["rewards"] for row in rows if len(row["rewards"]) == len(rows[0]["rewards"])])
     spread = r.max(1).values - r.min(1).values
     distinct = [len(set(row["captions"])) / len(row["captions"]) for row in rows]
-    return {"videos": len(rows), "reward_mean": r.mean().item(), "reward_std": r.std().item(),
-            "within_video_spread_median": spread.median().item(),
-            "share_all_tied": (spread == 0).float().mean().item(),
-            "distinct_caption_share": sum(distinct) / len(distinct)}
+    out = {"videos": len(rows), "reward_mean": r.mean().item(), "reward_std": r.std().item(),
+           "within_video_spread_median": spread.median().item(),
+           "share_all_tied": (spread == 0).float().mean().item(),
+           "distinct_caption_share": sum(distinct) / len(distinct)}
+    for factor in FINE_FACTORS if dataset is not None else ():
+        out.update(factor_diagnostics(rows, dataset, factor))
+    return out
+
+
+FINE_FACTORS = ("direction", "events")  # the factors that tell twins apart
+
+
+def factor_diagnostics(rows: Sequence[dict], dataset: Dataset, factor: str) -> dict:
+    """For one clip factor (`caredpo.captioner.factors`), over videos that have it:
+
+    {factor}_any_right       share of videos with at least one sample stating it right
+    {factor}_best_right      share of those whose top-reward sample states it right
+    {factor}_pair_acc        over (right, wrong) sample pairs of a video: share the reward ranks
+                             right above wrong (ties count half; 0.5 is a reward blind to it)
+    """
+    from ..captioner.factors import factor_correct
+
+    any_right = best_right = judged = 0
+    wins = pairs = 0.0
+    for row in rows:
+        verdicts = [factor_correct(c, dataset.by_id[row["video_id"]].factors, factor) for c in row["captions"]]
+        if None in verdicts:
+            continue
+        judged += 1
+        if not any(verdicts):
+            continue
+        any_right += 1
+        best_right += verdicts[row["best"]]
+        rw = row["rewards"]
+        for i, ok in enumerate(verdicts):
+            for j, bad in enumerate(verdicts):
+                if ok and not bad:
+                    pairs += 1
+                    wins += 1.0 if rw[i] > rw[j] else 0.5 if rw[i] == rw[j] else 0.0
+    if not judged:
+        return {}
+    return {f"{factor}_any_right": any_right / judged,
+            f"{factor}_best_right": best_right / any_right if any_right else float("nan"),
+            f"{factor}_pair_acc": wins / pairs if pairs else float("nan")}

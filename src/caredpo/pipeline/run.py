@@ -51,7 +51,7 @@ def run_pipeline(preset: str, seed: int, out: str | Path, only: list[str] | None
     _check_same_config(out, config)
     log = RunLog(out / "run.log")
     ctx = RunContext(out=out, config=config, log=log)
-    log(f"caredpo run: preset={preset} seed={seed} out={out}")
+    log(f"caredpo run: preset={preset} seed={seed} out={out}; precision: {_precisions(config)}")
     for i, (name, stage) in enumerate(STAGES.items(), 1):
         if only and name not in only:
             continue
@@ -110,10 +110,19 @@ def _metadata(out: Path, config) -> dict:
         "preset": config.preset, "seed": config.seed,
         "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
         "total_stage_seconds": round(sum(v["seconds"] for v in stages.values()), 1),
+        "precision": _precisions(config),
         "peak_rss_mb": max([round(peak_rss_mb())] + [v.get("peak_rss_mb", 0) for v in stages.values()]),
         "versions": {p: _version(p) for p in PACKAGES},
         "python": platform.python_version(), "machine": f"{platform.machine()}, {_cpus()} CPUs",
     }
+
+
+def _precisions(config) -> dict[str, str]:
+    """What each model's `precision` setting means on this machine ("fp32" or "bf16")."""
+    from ..precision import resolve
+
+    return {"captioner": resolve(config.captioner.precision),
+            "retriever": resolve(config.retriever.model.precision, config.retriever.device)}
 
 
 def _version(pkg: str) -> str:

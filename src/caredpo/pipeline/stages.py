@@ -89,13 +89,11 @@ def stage_sft(ctx: RunContext) -> dict:
 
 
 def stage_train_captions(ctx: RunContext) -> dict:
-    """Greedy SFT captions of the preference stage's videos: the twins carry them in the reward,
-    and the retrievers draw auxiliary captions from them."""
+    """Greedy SFT captions of every training video: the retrievers draw auxiliary captions from
+    them (generated_caption_prob), and the twins carry them in the preference stage's reward."""
     from ..captioner.generate import generate_captions
-    from ..dpo.prefs import preference_videos
 
-    have = set(ctx.store.ids)
-    ids = [v for v in preference_videos(ctx.dataset, ctx.config.prefs) if v in have]
+    ids = ctx.ids("train")
     generate_captions(ctx.captioner("sft"), ctx.store, ids, ctx.captions_file("sft", "train"),
                       ctx.config.train_captions)
     return {"videos": len(ids)}
@@ -127,7 +125,7 @@ def stage_prefs(ctx: RunContext) -> dict:
     greedy = {v: caps[0] for v, caps in load_captions(ctx.captions_file("sft", "train")).items()}
     path = build_preferences(ctx.captioner("sft"), Scorer(ctx.retriever("role")), ctx.dataset, ctx.store,
                              ctx.out / "prefs", greedy, ctx.config.prefs)
-    return summarize(list(read_jsonl(path)))
+    return summarize(list(read_jsonl(path)), ctx.dataset)
 
 
 def _stage_policy(arm: str) -> Callable[[RunContext], dict]:

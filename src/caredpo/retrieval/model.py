@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import precision
+
 ROLES = {"video": 0, "caption": 1, "query": 2}
 # variant name -> (use_caption, role_embeddings): the ablations of the results table.
 VARIANTS = {
@@ -58,6 +60,7 @@ class RetrieverConfig:
     train_layers: int = 2  # top encoder layers that train; -1 = whole encoder incl. embeddings
     video_shortcut: bool = True  # add Linear(LN(frame-mean feature)) to the pooled candidate vector
     init_temperature: float = 0.05  # softmax temperature at init (learned as a log scale)
+    precision: str = "fp32"  # "auto" | "fp32" | "bf16" (encoder under autocast): caredpo.precision
     seed: int = 0  # init of the random parts (projection, tiny encoder)
 
     def __post_init__(self) -> None:
@@ -71,6 +74,7 @@ class RetrieverConfig:
             raise ValueError("train_layers must be -1 (all) or >= 0")
         if not 0 < self.init_temperature < 1:
             raise ValueError("init_temperature must be in (0, 1)")
+        precision.check(self.precision, "RetrieverConfig")
 
     @property
     def variant(self) -> str:
@@ -205,7 +209,8 @@ class Retriever(nn.Module):
 
     def _pool(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encoder over input embeddings, mean pool over the mask: [B, H] (not normalised)."""
-        out = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        with precision.autocast(self.config.precision, embeds.device):
+            out = self.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.float()
         m = mask.unsqueeze(-1).to(out.dtype)
         return (out * m).sum(1) / m.sum(1).clamp_min(1e-6)
 

@@ -26,7 +26,7 @@ import torch
 
 from .. import dist
 from ..io import append_jsonl, read_json, write_json
-from ..records import DataError, Dataset
+from ..records import SENTENCE_POOLS, DataError, Dataset, check_pool
 from .loss import info_nce
 from .model import Retriever, RetrieverConfig
 from .score import GlobalFeatures, Scorer, evaluate, reference_captions
@@ -44,6 +44,14 @@ class RetrieverTrainConfig:
     grad_clip: float = 1.0  # max global grad norm (0: off)
     max_steps: int = 0  # stop after this many steps (0: epochs decide)
     no_caption_prob: float = 0.0  # share of training items shown without any caption
+    # The draw (see `draw_pairs`). Queries and reference captions come from SENTENCE_POOLS: "all"
+    # sentences, or "specific" ones (those that can tell twins apart; all sentences on data sets
+    # that do not mark specificity). generated_caption_prob: share of captioned items whose caption
+    # is one of the video's generated captions (the rest get another reference sentence); None
+    # draws uniformly over both together (the "uniform" recipe).
+    query_sentences: str = "all"
+    caption_sentences: str = "all"
+    generated_caption_prob: float | None = None
     train_split: str = "train"
     eval_split: str = "test"  # monitored only: no model selection, the last step is the model
     eval_every: int = 0  # steps between evaluations (0: only at the end)
@@ -61,6 +69,10 @@ class RetrieverTrainConfig:
             raise ValueError("warmup_steps, max_steps, eval_every, save_every must be >= 0")
         if not 0 <= self.no_caption_prob <= 1:
             raise ValueError("no_caption_prob must be in [0, 1]")
+        check_pool(self.query_sentences, "RetrieverTrainConfig.query_sentences")
+        check_pool(self.caption_sentences, "RetrieverTrainConfig.caption_sentences")
+        if self.generated_caption_prob is not None and not 0 <= self.generated_caption_prob <= 1:
+            raise ValueError("generated_caption_prob must be None or in [0, 1]")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RetrieverTrainConfig":
@@ -72,14 +84,22 @@ class RetrieverTrainConfig:
 # preset name -> overrides. smoke: tiny random encoder, seconds. default: MiniLM, a few minutes.
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(model=RetrieverConfig(text_encoder="tiny", train_layers=-1), epochs=8, batch_groups=2,
-                  lr=3e-3, head_lr=3e-3, warmup_steps=2, save_every=0),
-    # 800 clips / 32 per batch = 25 steps an epoch, 50 steps: ~0.7 s (no caption) to 1.6 s (caption +
-    # roles) a step on one free core, 35-80 s a run. The video arm learns with the top 2 layers
-    # (train_layers=-1 costs 2x a step for a few points of R@5) once video tokens are framed by
-    # [CLS]/[SEP] at word scale (model.py); video_shortcut adds ~+15 R@5 for the video-only arm.
-    # 48 query tokens: a quarter of TwinClips test queries are longer than 32.
-    "default": dict(model=RetrieverConfig(text_encoder="minilm", train_layers=2, video_shortcut=True,
-                                          max_query_tokens=48), epochs=2, batch_groups=8, lr=1e-4),
+                  lr=3e-3, head_lr=3e-3, warmup_steps=2, save_every=0, query_sentences="specific",
+                  caption_sentences="specific", generated_caption_prob=0.25),
+    # The fine-grained recipe: queries that can tell twins apart, auxiliary captions that are other
+    # specific reference sentences (reading their details pays) or, with generated_caption_prob,
+    # the video's generated captions (right or wrong: the model learns how far to trust one), whole
+    # encoder, 4 epochs of 25 steps (800 clips, 8 twin groups a batch). docs/results.md has the sweep.
+    # 48 tokens: a quarter of TwinClips specific sentences are longer than 32, and their events
+    # come last. video_shortcut: a direct video path for the no-caption arm (model.py).
+    "default": dict(model=RetrieverConfig(text_encoder="minilm", train_layers=-1, video_shortcut=True,
+                                          max_query_tokens=48, max_caption_tokens=48, precision="auto"),
+                    epochs=4, batch_groups=8, lr=1e-4, query_sentences="specific",
+                    caption_sentences="specific", generated_caption_prob=0.25),
+    # The recipe before it (for comparison): queries and captions drawn uniformly from all 8
+    # sentences of mixed specificity and the generated captions, top 2 layers, 50 steps.
+    "default-uniform": dict(model=RetrieverConfig(text_encoder="minilm", train_layers=2, video_shortcut=True,
+                                                  max_query_tokens=48), epochs=2, batch_groups=8, lr=1e-4),
 }
 
 
@@ -109,15 +129,26 @@ def epoch_batches(groups: list[list[str]], batch_groups: int, seed: int, epoch: 
 
 
 def draw_pairs(dataset: Dataset, batch: list[str], pool: Mapping[str, list[str]] | None,
-               no_caption_prob: float, rng: random.Random) -> tuple[list[str], list[str | None]]:
-    """(query per video, auxiliary caption per video); the caption is never the query text."""
+               cfg: RetrieverTrainConfig, rng: random.Random) -> tuple[list[str], list[str | None]]:
+    """(query per video, auxiliary caption per video); the caption is never the query text.
+
+    With generated_caption_prob = p, a captioned item carries one of the video's generated
+    captions with probability p (right or wrong about the details: the model must learn how far
+    to trust one) and another reference sentence otherwise (so reading the details pays)."""
     queries, captions = [], []
     for v in batch:
-        sents = dataset.sentences_of(v)
-        q = rng.choice(sents)
-        options = [s for s in sents if s != q] + [c for c in (pool or {}).get(v, []) if c != q]
+        q = rng.choice(SENTENCE_POOLS[cfg.query_sentences](dataset, v))
+        refs = [s for s in SENTENCE_POOLS[cfg.caption_sentences](dataset, v) if s != q]
+        generated = [c for c in (pool or {}).get(v, []) if c != q]
         queries.append(q)
-        captions.append(rng.choice(options) if options and rng.random() >= no_caption_prob else None)
+        if cfg.generated_caption_prob is None:  # uniform over both
+            options = refs + generated
+            captions.append(rng.choice(options) if options and rng.random() >= cfg.no_caption_prob else None)
+        elif rng.random() < cfg.no_caption_prob or not (refs or generated):
+            captions.append(None)
+        else:
+            use_generated = bool(generated) and (not refs or rng.random() < cfg.generated_caption_prob)
+            captions.append(rng.choice(generated if use_generated else refs))
     return queries, captions
 
 
@@ -273,7 +304,7 @@ def _loop(cfg, model, opt, dataset, features, feats, groups, pool, eval_captions
             epoch, k = divmod(step, per_epoch)
             batch = epoch_batches(groups, cfg.batch_groups, cfg.seed, epoch)[k]
             rng = random.Random(f"{cfg.seed}-draw-{step}")
-            queries, captions = draw_pairs(dataset, batch, pool, cfg.no_caption_prob, rng)
+            queries, captions = draw_pairs(dataset, batch, pool, cfg, rng)
             loss = train_step(model, opt, cfg, queries, torch.stack([feats[v] for v in batch]), captions, step)
             step += 1
             bar.update(task, advance=1, loss=f"{loss:.3f}")
