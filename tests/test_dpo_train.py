@@ -267,3 +267,38 @@ def test_cli_dpo_end_to_end_on_tiny_captioner(tmp_path):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # fp16 features: ~same as the refs
     res = CliRunner().invoke(app, args + ["--resume"])  # already finished: a no-op that still succeeds
     assert res.exit_code == 0 and len(metrics_rows(tmp_path / "run")) == 2
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-5), ("bf16", 2e-3)])
+def test_policy_equals_reference_at_step_0_in_both_precisions(tmp_path, precision, tol):
+    """h(v, c) = 0 at step 0: the reference log-probs (one pass per video, as the preference stage
+    computes them) and the policy's (the trainer's own batch of own + cross pairs) come from the
+    same code path, so the first losses are ln 2, in bf16 too (tol: bf16 rounding of differently
+    shaped batches; beta x |h| stays below it)."""
+    from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
+
+    ccfg = CaptionerConfig(lm="tiny", feature_dim=16, num_frames=2, projector_hidden=32, lora_layers=-1,
+                           lora_rank=4, precision=precision)
+    path, feats = _setup(None, tmp_path, make=lambda: VideoCaptioner(ccfg), shape=(2, 4, 16))
+    train_dpo(VideoCaptioner(ccfg), path, feats, tmp_path / "run", DPOConfig(max_steps=1), show_progress=False)
+    first = metrics_rows(tmp_path / "run")[0]
+    assert first["loss_caption"] == pytest.approx(math.log(2), abs=tol)
+    assert first["loss_video"] == pytest.approx(math.log(2), abs=tol)
+
+
+def test_bf16_and_fp32_losses_of_a_tiny_captioner_agree():
+    """The SFT loss of the same weights under bf16 autocast is within 2% of fp32's."""
+    from dataclasses import replace
+
+    from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
+
+    ccfg = CaptionerConfig(lm="tiny", feature_dim=16, num_frames=2, projector_hidden=32, lora_layers=-1, lora_rank=4)
+    fp32 = VideoCaptioner(ccfg).eval()
+    bf16 = VideoCaptioner(replace(ccfg, precision="bf16")).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    torch.manual_seed(0)
+    feats, caps = torch.randn(4, 2, 4, 16), CAPTIONS
+    with torch.no_grad():
+        a, b = fp32.nll(feats, caps), bf16.nll(feats, caps)
+    assert a.dtype == b.dtype == torch.float32
+    assert abs(a - b) / a < 0.02 and not torch.equal(a, b)  # the bf16 path really ran
