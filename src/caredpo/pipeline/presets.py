@@ -111,8 +111,8 @@ def _default(seed: int) -> RunConfig:
         test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=40, batch_videos=40, seed=seed),
         retriever=retriever_preset("default"),
         prefs=PrefsConfig(num_samples=4, max_new_tokens=40, max_videos=160, seed=seed),
-        dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-4, seed=seed),
-        dpo=DPOConfig.for_mode("dpo", lr=1e-4, seed=seed),
+        dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-4, epochs=2, seed=seed),
+        dpo=DPOConfig.for_mode("dpo", lr=1e-4, epochs=2, seed=seed),
     )
 
 
