@@ -87,17 +87,13 @@ def _smoke(seed: int) -> RunConfig:
 
 
 def _default(seed: int) -> RunConfig:
-    # Sized for the 15-minute goal on 2 CPU cores: SFT on 16 captions a step (8 videos x 2), the
-    # preference stage and both DPO arms on the first 40 training twin groups (160 clips).
-    # LoRA on all 30 layers: the projector's gradient crosses every layer anyway, so it costs little,
-    # and lower layers learn to read the visual tokens (100-step SFT, 64 test clips, seed 0: right
-    # shape 16 -> 19, background 55 -> 64, direction 0 -> 4; val NLL 1.30 -> 1.11).
-    # The captioner sees each cell's colour histogram besides the CNN channels, and SFT starts with
-    # 1000 steps of projector alignment (align.py, ~3 min on 2 quiet CPU cores): on an H100 sweep
-    # (seed 0, 200 test clips, SFT 150 steps of 8 videos x 4 sentences) the captions' colour is right
-    # in 20% -> 44% (alignment) -> 77% (+ histograms) -> 86% (1000 alignment steps), the kind of
-    # motion in 22 -> 42%.
-    # With both, 2 sentences a video do as well as 4 at 2/3 of the cost (README, SFT).
+    # The choices and the measurements behind them are in docs/results.md and the README. In short:
+    # SFT on 8 videos x 2 sentences a step after 1000 steps of projector alignment (colour
+    # histograms beside the CNN channels), LoRA on all 30 layers; the targets are the *specific*
+    # sentences, so captions state a direction and events for the reward to judge. The retriever
+    # takes the fine-grained recipe (retrieval/train.py PRESETS["default"]). The preference stage and
+    # both DPO arms use the first 40 training twin groups (160 clips), 2 epochs. Captions may run to
+    # 40 tokens: specific sentences do (p90 34). bf16 where the CPU has it (precision.py).
     return RunConfig(
         preset="default", seed=seed,
         data=TwinClipsConfig.preset("default", seed=seed),
