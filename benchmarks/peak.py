@@ -19,17 +19,22 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of fn() over `repeats` calls (warm up before calling, where it matters)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def _matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> float:
     """Median GFLOP/s of an [n, n] @ [n, n] matmul (2 n^3 FLOP) after one warm-up."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
     a @ b  # warm-up: kernel selection, page faults of the output
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats) / 1e9
 
 
 def measure_peaks(threads: int | None = None, n: int = 2048, repeats: int = 5) -> dict[str, float]:

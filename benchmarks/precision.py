@@ -22,14 +22,12 @@ matmul peak of the row's precision, measured at --threads at the start (benchmar
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peak import describe, measure_peaks, share
+from peak import describe, measure_peaks, median_seconds, share
 
 PRECISIONS = ("fp32", "bf16")
 CAPTIONS = [
@@ -74,12 +72,7 @@ def load_inputs(data: Path | None, n: int = N_VIDEOS) -> Inputs:
 def measure(fn, repeats: int) -> float:
     """Median seconds of fn() over repeats, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(fn, repeats)
 
 
 # ---------------------------------------------------------------- captioner cases

@@ -12,23 +12,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
 import torch
-from peak import describe, measure_peaks, share
+from peak import describe, measure_peaks, median_seconds, share
 
 DIM, K = 384, 10
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def query_encoding(repeats: int, batch: int = 64) -> dict:
@@ -41,7 +31,7 @@ def query_encoding(repeats: int, batch: int = 64) -> dict:
     n_tok = model.tokenizer(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")["input_ids"].numel()
     with torch.no_grad():
         model.encode_queries(texts)  # warm-up
-        sec = median_time(lambda: model.encode_queries(texts), repeats)
+        sec = median_seconds(lambda: model.encode_queries(texts), repeats)
     layers, h, inter = model.encoder.config.num_hidden_layers, model.hidden_size, model.encoder.config.intermediate_size
     flop = 2 * n_tok * layers * (4 * h * h + 2 * h * inter)  # linear layers only (attention maps are small)
     return {"queries_per_s": batch / sec, "gflops": flop / sec / 1e9, "batch": batch, "tokens": n_tok}
@@ -65,14 +55,14 @@ def search_rows(n_query: int, n_gallery: int, repeats: int) -> list[tuple[str, f
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
     gq, gg = torch.from_numpy(queries), torch.from_numpy(gallery)
     exact = torch.topk(gq @ gg.T, K, dim=1).indices.numpy()
-    rows = [("torch exact (matmul+topk)", 0.0, median_time(lambda: torch.topk(gq @ gg.T, K, dim=1), repeats), 1.0)]
+    rows = [("torch exact (matmul+topk)", 0.0, median_seconds(lambda: torch.topk(gq @ gg.T, K, dim=1), repeats), 1.0)]
     for name, build in _faiss_indexes(n_gallery).items():
         t = time.perf_counter()
         index = build(gallery)
         built = time.perf_counter() - t
         _, found = index.search(queries, K)
         recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(found, exact)])
-        rows.append((name, built, median_time(lambda: index.search(queries, K), repeats), float(recall)))
+        rows.append((name, built, median_seconds(lambda: index.search(queries, K), repeats), float(recall)))
     return rows
 
 
