@@ -31,6 +31,8 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "steps_100": ({"steps": 100}, {}),
     "steps_300": ({"steps": 300}, {}),
     "nodelta": ({}, {"temporal_delta": False}),
+    "clip4": ({}, {"clip_tokens": 4}),  # 4 visual tokens that each read the whole clip's trajectory
+    "clip4_steps300": ({"steps": 300}, {"clip_tokens": 4}),
 }
 
 

@@ -155,6 +155,23 @@ def test_colour_channels_are_normalised_apart_from_the_cnn_ones():
         m.logprob(x, ["a red circle", "a blue square"])
 
 
+def test_clip_tokens_read_frame_order_and_frame_tokens_do_not():
+    m = VideoCaptioner(replace(TINY, clip_tokens=2))
+    x = feats(2)
+    rev = x.flip(1)  # the same frames played backwards: left-to-right becomes right-to-left
+    n = TINY.num_frames * TINY.grid_cells
+    with torch.no_grad():
+        fwd, bwd = m.projector(x) - m.projector.pos, m.projector(rev) - m.projector.pos
+    assert fwd.shape == (2, n + 2, m.embed.embedding_dim) == (2, m.config.num_visual_tokens, m.embed.embedding_dim)
+    g = TINY.grid_cells  # a frame token is its frame's alone: reversing time only reorders them
+    torch.testing.assert_close(bwd[:, :n].reshape(2, -1, g, bwd.shape[-1]).flip(1).reshape(2, n, -1), fwd[:, :n])
+    assert (bwd[:, n:] - fwd[:, n:]).abs().max() > 1e-3  # a clip token sees the order
+    with torch.no_grad():
+        assert torch.isfinite(m.logprob(x, CAPS[:2])).all()
+    with pytest.raises(ValueError, match="clip_tokens"):
+        CaptionerConfig(clip_tokens=-1)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="chat_format"):
         CaptionerConfig(chat_format="nope")

@@ -47,6 +47,8 @@ class CaptionerConfig:
     num_frames: int = 8  # T used; more frames in the input are subsampled evenly
     grid_cells: int = 4  # G: spatial cells per frame (2x2); visual tokens = num_frames * grid_cells
     temporal_delta: bool = True  # also feed x - mean_t(x): makes motion direction linearly visible
+    clip_tokens: int = 0  # M extra visual tokens, each read from the whole clip (every frame and cell)
+    clip_dim: int = 32  # width each cell is reduced to before the clip tokens' MLP reads all T*G of them
     projector_hidden: int = 1024  # hidden width of the 2-layer MLP projector
     lora_layers: int = 8  # LoRA on the top k decoder layers; -1 = all layers, 0 = no LoRA
     lora_rank: int = 16
@@ -60,11 +62,13 @@ class CaptionerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        for name in ("feature_dim", "num_frames", "grid_cells", "projector_hidden", "lora_rank"):
+        for name in ("feature_dim", "num_frames", "grid_cells", "projector_hidden", "lora_rank", "clip_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"CaptionerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.colour_bins < 0:
             raise ValueError(f"CaptionerConfig.colour_bins must be >= 0, got {self.colour_bins}")
+        if self.clip_tokens < 0:
+            raise ValueError(f"CaptionerConfig.clip_tokens must be >= 0, got {self.clip_tokens}")
         if self.lora_layers < -1:
             raise ValueError(f"CaptionerConfig.lora_layers must be -1 (all), 0 (none) or k > 0, got {self.lora_layers}")
         if self.chat_format not in CHAT_FORMATS:
@@ -80,7 +84,7 @@ class CaptionerConfig:
 
     @property
     def num_visual_tokens(self) -> int:
-        return self.num_frames * self.grid_cells
+        return self.num_frames * self.grid_cells + self.clip_tokens
 
     @classmethod
     def from_dict(cls, d: dict) -> "CaptionerConfig":
@@ -89,7 +93,13 @@ class CaptionerConfig:
 
 
 class Projector(nn.Module):
-    """[B, T, G, C] grid features -> [B, T*G, d] visual token embeddings (2-layer MLP)."""
+    """[B, T, G, C] grid features -> [B, T*G + M, d] visual token embeddings.
+
+    T*G frame tokens: a 2-layer MLP on each (frame, cell). M clip tokens (`clip_tokens`): each cell
+    is reduced to `clip_dim` channels, the T*G of them are concatenated in (frame, cell) order and a
+    2-layer MLP maps that to M tokens. A frame token sees one frame, so the LM has to compare tokens
+    across time to tell left-to-right from right-to-left; a clip token carries the trajectory itself,
+    the way a linear probe on the concatenated grid sequence reads direction."""
 
     def __init__(self, cfg: CaptionerConfig, d_model: int, target_rms: float):
         super().__init__()
@@ -99,16 +109,32 @@ class Projector(nn.Module):
         self.gain = nn.Parameter(torch.ones(in_dim))  # like a LayerNorm gain, learns the delta's weight
         self.fc1 = nn.Linear(in_dim, cfg.projector_hidden)
         self.fc2 = nn.Linear(cfg.projector_hidden, d_model)
-        self.pos = nn.Parameter(0.02 * torch.randn(cfg.num_visual_tokens, d_model))  # (frame, cell)
+        self.pos = nn.Parameter(0.02 * torch.randn(cfg.num_visual_tokens, d_model))  # (frame, cell), then clip
+        self.clip_tokens = cfg.clip_tokens
+        if cfg.clip_tokens:
+            self.clip_reduce = nn.Linear(in_dim, cfg.clip_dim)
+            self.clip_fc1 = nn.Linear(cfg.num_frames * cfg.grid_cells * cfg.clip_dim, cfg.projector_hidden)
+            self.clip_fc2 = nn.Linear(cfg.projector_hidden, cfg.clip_tokens * d_model)
         self._match_scale(in_dim, target_rms)
+
+    def _frame_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(h)))
+
+    def _clip_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, T, G, in_dim] -> [B, M, d]."""
+        flat = self.clip_reduce(h).flatten(1)  # [B, T*G*clip_dim]
+        return self.clip_fc2(nn.functional.gelu(self.clip_fc1(flat))).reshape(h.shape[0], self.clip_tokens, -1)
 
     @torch.no_grad()
     def _match_scale(self, in_dim: int, target_rms: float) -> None:
         """Start with visual tokens as loud as word embeddings (RMS), so the LM is not swamped."""
-        x = torch.randn(256, in_dim)
-        out = self.fc2(nn.functional.gelu(self.fc1(x)))
-        self.fc2.weight.mul_(target_rms / out.pow(2).mean().sqrt().clamp_min(1e-8))
-        self.fc2.bias.zero_()
+        heads = [(self._frame_mlp(torch.randn(256, in_dim)), self.fc2)]
+        if self.clip_tokens:
+            cells = self.pos.shape[0] - self.clip_tokens
+            heads.append((self._clip_mlp(torch.randn(16, cells, 1, in_dim)), self.clip_fc2))
+        for out, fc in heads:
+            fc.weight.mul_(target_rms / out.pow(2).mean().sqrt().clamp_min(1e-8))
+            fc.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, G, C = x.shape
@@ -121,9 +147,11 @@ class Projector(nn.Module):
             normed.append(part * scale)
             if self.temporal_delta:
                 deltas.append((part - part.mean(1, keepdim=True)) * scale)
-        h = torch.cat(normed + deltas, -1) * self.gain
-        out = self.fc2(nn.functional.gelu(self.fc1(h)))  # [B, T, G, d]
-        return out.reshape(B, T * G, -1) + self.pos
+        h = torch.cat(normed + deltas, -1) * self.gain  # [B, T, G, in_dim]
+        out = self._frame_mlp(h).reshape(B, T * G, -1)
+        if self.clip_tokens:
+            out = torch.cat([out, self._clip_mlp(h)], 1)
+        return out + self.pos
 
 
 class VideoCaptioner(nn.Module):
