@@ -204,7 +204,7 @@ def test_config_and_data_validation(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"video_id": "v", "captions": ["a", "b"], "rewards": [0.1, 0.9],
                                "ref_logps": [-1, -2], "best": 0}) + "\n")
-    with pytest.raises(DataError, match="line 1 .v.: best=0"):
+    with pytest.raises(DataError, match="bad.jsonl:1: v: best=0"):
         load_groups(bad)
 
 

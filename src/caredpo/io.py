@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -47,19 +47,74 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Complete lines only: a torn last line (killed writer) is ignored, not an error."""
+# field name -> the type(s) its value must have, e.g. {"video_id": str, "captions": list}
+Fields = Mapping[str, "type | tuple[type, ...]"]
+
+
+def read_jsonl(path: str | Path, fields: Fields | None = None) -> Iterator[dict]:
+    """The JSON objects of a JSONL file, in order. Complete lines only: a torn last line (killed
+    writer) is ignored, not an error; blank lines are skipped. A bad line raises `DataError`
+    "FILE:LINE: reason" (not valid JSON, not an object, or a field of `fields` missing or of the
+    wrong type). A missing file yields nothing (a log not started yet)."""
+    for _, row in numbered_jsonl(path, fields):
+        yield row
+
+
+def numbered_jsonl(path: str | Path, fields: Fields | None = None) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each line, checked as in `read_jsonl`."""
     path = Path(path)
     if not path.exists():
         return
     with path.open(encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 break
-            yield json.loads(line)
+            if line.strip():
+                yield n, parse_jsonl_line(path, n, line, fields)
+
+
+def parse_jsonl_line(path: str | Path, n: int, line: str, fields: Fields | None = None) -> dict:
+    """One JSONL line -> its object, or `DataError` "FILE:N: reason" naming what is wrong."""
+    from .records import DataError
+
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{n}: expected a JSON object, got {_json_type(row)}")
+    problem = field_problem(row, fields or {})
+    if problem:
+        raise DataError(f"{path}:{n}: {problem}")
+    return row
+
+
+def field_problem(row: Mapping[str, Any], fields: Fields) -> str | None:
+    """What is wrong with `row` for `fields` (a missing field, a value of the wrong type), or None."""
+    for name, kind in fields.items():
+        if name not in row:
+            return f'missing field "{name}"'
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        value = row[name]
+        # bool is an int to Python, not to JSON: true is no count and no index
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            want = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
+            return f'field "{name}" must be {want}, got {_json_type(value)}'
+    return None
+
+
+_JSON_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", float: "a number",
+               bool: "true/false"}
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value, for messages."""
+    if value is None:
+        return "null"
+    return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
 def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
@@ -117,11 +172,11 @@ def merge_parts(path: str | Path, order: Sequence[str], key: str = "video_id") -
     if not parts:
         return 0
     kept = _whole_lines(path)
-    seen = {json.loads(line)[key] for line in kept}
+    seen = {parse_jsonl_line(path, n, line, {key: str})[key] for n, line in enumerate(kept, 1)}
     new: dict[str, str] = {}
     for part in parts:
-        for line in _whole_lines(part):
-            k = json.loads(line)[key]
+        for n, line in enumerate(_whole_lines(part), 1):
+            k = parse_jsonl_line(part, n, line, {key: str})[key]
             if k not in seen:
                 new.setdefault(k, line)
     pos = {k: i for i, k in enumerate(order)}

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .. import dist
-from ..io import append_jsonl, merge_parts, part_path, part_paths, read_jsonl
+from ..io import append_jsonl, merge_parts, numbered_jsonl, part_path, part_paths, read_jsonl
 from ..records import DataError
+
+# a captions.jsonl line: {"video_id": str, "captions": [str, ...], "sampling": {...}}
+CAPTION_FIELDS = {"video_id": str, "captions": list}
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,9 @@ class SamplingConfig:
 def done_ids(path: Path, sampling: dict) -> set[str]:
     """Video ids already in `path`; refuses a file written with other settings."""
     done = set()
-    for i, row in enumerate(read_jsonl(path)):
+    for n, row in numbered_jsonl(path, CAPTION_FIELDS):
         if row.get("sampling") != sampling:
-            raise DataError(f"{path}: line {i + 1} was written with other sampling settings "
+            raise DataError(f"{path}:{n}: written with other sampling settings "
                             f"({row.get('sampling')}); use another output file")
         done.add(row["video_id"])
     return done
@@ -108,4 +111,4 @@ def _sample(model, feats, seeds: Sequence[int], sampling: SamplingConfig) -> lis
 
 def load_captions(path: str | Path) -> dict[str, list[str]]:
     """video id -> captions, from a captions jsonl."""
-    return {row["video_id"]: row["captions"] for row in read_jsonl(path)}
+    return {row["video_id"]: row["captions"] for row in read_jsonl(path, CAPTION_FIELDS)}

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import dist
-from ..io import append_jsonl, atomic_write_text, read_jsonl, write_json
+from ..io import append_jsonl, atomic_write_text, numbered_jsonl, read_jsonl, write_json
 from ..records import DataError, NonFiniteLossError
 from .batch import FeatureFn, batch_loss, shared_loss
 from .loss import PAIR_MODES
@@ -98,21 +98,29 @@ class DPOConfig:
 
 # ---------------------------------------------------------------- preference groups
 
+# the fields every row needs, and their JSON types (the format: this module's docstring)
+GROUP_FIELDS = {"video_id": str, "captions": list, "rewards": list, "ref_logps": list, "best": int}
+
+
 def load_groups(path: str | Path) -> list[dict]:
-    rows = list(read_jsonl(path))
-    if not rows:
-        raise DataError(f"{path}: no preference groups")
-    for i, row in enumerate(rows, 1):
+    """The rows of a groups.jsonl; a bad line raises `DataError` "FILE:LINE: video: reason"."""
+    rows = []
+    for n, row in numbered_jsonl(path, GROUP_FIELDS):
         problem = _row_problem(row)
         if problem:
-            raise DataError(f"{path}: line {i} ({row.get('video_id', '?')}): {problem}")
+            raise DataError(f"{path}:{n}: {row['video_id']}: {problem}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no preference groups")
     return rows
 
 
 def _row_problem(row: dict) -> str | None:
-    for key in ("video_id", "captions", "rewards", "ref_logps", "best"):
-        if key not in row:
-            return f"missing field {key!r}"
+    if not all(isinstance(row.get(key, []), list) for key in ("negatives", "ref_cross_logps", "lengths")):
+        return "negatives, ref_cross_logps and lengths must be lists"
+    numbers = [*row["rewards"], *row["ref_logps"], *row.get("ref_cross_logps", [])]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
+        return "rewards and reference log-probs must be numbers"
     k, m = len(row["captions"]), len(row.get("negatives", []))
     if k < 1 or len(row["rewards"]) != k or len(row["ref_logps"]) != k:
         return "captions, rewards and ref_logps must have the same length >= 1"

@@ -338,12 +338,11 @@ class _NoBar:
 
 def load_caption_pool(path: str | Path) -> dict[str, list[str]]:
     """{video id: [captions]} from a captioner captions.jsonl ({"video_id", "captions": [...]})."""
+    from ..captioner.generate import CAPTION_FIELDS
     from ..io import read_jsonl
 
     pool: dict[str, list[str]] = {}
-    for i, row in enumerate(read_jsonl(path)):
-        if "video_id" not in row or not isinstance(row.get("captions"), list):
-            raise DataError(f"{path}: line {i + 1} lacks 'video_id' or a 'captions' list")
+    for row in read_jsonl(path, CAPTION_FIELDS):
         pool.setdefault(str(row["video_id"]), []).extend(str(c) for c in row["captions"] if str(c).strip())
     return pool
 
@@ -358,6 +357,9 @@ def read_queries(path: str | Path) -> dict[str, list[str]]:
     data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object {{video_id: [sentence, ...]}}")
+    bad = next((k for k, v in data.items() if not isinstance(v, (str, list))), None)
+    if bad is not None:
+        raise DataError(f"{path}: video {bad!r}: expected a sentence or a list of sentences")
     out = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in data.items()}
     if any(not isinstance(s, str) or not s.strip() for v in out.values() for s in v):
         raise DataError(f"{path}: every query must be a non-empty string")
