@@ -16,6 +16,7 @@ from ..video import VideoError
 from . import captioner as _captioner
 from . import data as _data
 from . import dpo as _dpo
+from . import export as _export
 from . import prefs as _prefs
 from . import retriever as _retriever
 from . import run as _run
@@ -30,6 +31,7 @@ app.add_typer(_retriever.app, name="retriever")
 _retriever.register(app)
 _prefs.register(app)
 _dpo.register(app)
+_export.register(app)
 
 # Errors a user can fix by changing their input; anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (DataError, VideoError, FileNotFoundError, NonFiniteLossError)

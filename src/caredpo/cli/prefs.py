@@ -31,6 +31,8 @@ def prefs(
     top_p: float = typer.Option(0.95, "--top-p"),
     max_videos: int = typer.Option(0, "--max-videos", help="first N training videos only (0: all)"),
     seed: int = typer.Option(0, "--seed"),
+    export_trl: Optional[Path] = typer.Option(None, "--export-trl", help="also write the pairs for trl "
+                                              "(prompt/chosen/rejected, a datasets folder); see `caredpo export-trl`"),
 ) -> None:
     from .. import dist
     from ..captioner.generate import load_captions
@@ -54,3 +56,7 @@ def prefs(
         main = dist.is_main()
     if main:
         print(f"preference groups: {path}")
+    if main and export_trl:
+        from ..dpo.export import export_pairs
+
+        print(f"trl pairs: {export_pairs(path, dataset, export_trl, reference.config.prompt)}")
