@@ -7,8 +7,8 @@ Each variant (overrides of the `default` preset's `role` retriever config) train
 caption_role retriever on the run's training clips, with the run's greedy SFT captions of the
 training clips as the generated-caption pool (captions/sft_train.jsonl), and is evaluated on the test
 split three ways: with oracle captions (a specific reference sentence that is not the query), with
-the run's SFT test captions (captions/sft_test.jsonl), and with no caption. On 2 CPU cores a variant
-takes 2 to 5 minutes.
+the run's SFT test captions (captions/sft_test.jsonl), and with no caption. What a variant costs:
+docs/results.md, "Measurements behind the code".
 """
 from __future__ import annotations
 

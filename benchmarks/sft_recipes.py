@@ -6,9 +6,8 @@ Each variant (overrides of the `default` preset's SFT and captioner configs) fin
 captioner on the run's training clips, writes greedy captions for its test clips and judges them with
 `caredpo.captioner.factors`. The table gives val NLL, SFT seconds and the % of test captions that
 state each factor right. `default` is the `default` preset's recipe (1000 steps of projector
-alignment, then 150 steps of 8 videos x 2 specific sentences); `no_align` leaves the alignment out. On 2 CPU
-cores a variant takes 10 to 20 minutes; on one H100 a 150-step variant takes about 3 minutes
-(launch-bound: run several at once).
+alignment, then 150 steps of 8 videos x 2 specific sentences); `no_align` leaves the alignment out. What a
+variant costs on a CPU and on a GPU: docs/results.md, "Measurements behind the code".
 """
 from __future__ import annotations
 

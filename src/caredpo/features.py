@@ -89,8 +89,9 @@ def load_frame_encoder(size: int = 128, fuse: bool = True) -> torch.nn.Module:
 def fuse_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """Fold every BatchNorm into its conv and move symmetric "same" padding into the conv.
 
-    Same outputs (to float rounding), ~30% less CNN time on CPU: BatchNorm and the separate pad
-    copy were a third of the profile at 128 px. Only valid for the frozen (eval) model.
+    Same outputs (to float rounding), less CNN time on CPU: BatchNorm and the separate pad copy
+    were a large share of the profile (docs/results.md, "Measurements behind the code"). Only valid
+    for the frozen (eval) model.
     """
     pairs = [(model._conv_stem, model, "_bn0"), (model._conv_head, model, "_bn1")]
     for block in model._blocks:

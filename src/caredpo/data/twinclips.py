@@ -1,4 +1,4 @@
-"""TwinClips: the generated default data set (see DESIGN.md, "Embedded default data").
+"""TwinClips: the generated default data set (docs/design.md, "The embedded data set: TwinClips").
 
 Each twin group is 4 clips that share background, shape, colour(s) and size and differ only in
 time. The 4 twins are the product of two binary *tracks*, each a pair of time-reversed variants:

@@ -1,7 +1,7 @@
 """DPO and Dual-Group DPO (DG-DPO) losses: pure tensor functions, no models, no I/O.
 
 DG-DPO as written here is OUR RECONSTRUCTION (the paper's formula is not public; see
-DESIGN.md, section DG-DPO). With `h(v, c) = log pi_theta(c|v) - log pi_ref(c|v)`:
+docs/design.md, "DG-DPO: our reconstruction"). With `h(v, c) = log pi_theta(c|v) - log pi_ref(c|v)`:
 
 - caption group (one video v, its K captions): for every pair (w, l) with
   `r_w - r_l > margin`, `-log sigmoid(beta * (h(v, c_w) - h(v, c_l)))`; averaged over the valid

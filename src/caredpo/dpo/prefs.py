@@ -14,6 +14,7 @@ and a rerun skips the videos already written (see `caredpo.dpo.train` for the ro
 Under torchrun the twin groups are dealt round-robin to the processes (each samples with its
 group's own seed, so the rows equal one process's); each appends to groups.jsonl.part<rank> and
 rank 0 merges them into groups.jsonl in group order (`caredpo.io.merge_parts`).
+Why the reward has this form: docs/design.md, "The preference stage".
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Retrieval metrics as pure tensor functions (no model imports).
 
-Conventions (DESIGN.md, "Evaluation conventions"):
+Conventions (docs/design.md, "Evaluation conventions"):
 - `similarity` is [n_queries, n_videos]; `query_to_video[i]` is the column of query i's video.
 - Ties are pessimistic: rank = 1 + number of *other* candidates scoring >= the ground truth, so a
   retriever that gives twins identical scores is not rewarded (the argsort / `np.where` code copied

@@ -5,12 +5,12 @@
 The candidate is framed like a BERT sentence pair. Without the [CLS]/[SEP] frame (a bare video token
 as the whole input, the first version) the pretrained encoder maps every lone token to nearly the
 same output and the video arm never left chance loss; framed, the same frozen encoder learns from
-it at once (see the retrieval notes in the report / tests).
+it at once (docs/design.md, "Retriever").
 Video tokens come from per-frame global features [B, T, 1280]: LayerNorm(feature) -> Linear ->
 LayerNorm without affine, times the RMS of the encoder's word embeddings, so a video token enters
-at the scale of a word (raw projections were ~13x larger). `video_pooling="mean"` gives one token
-(mean over frames, CLIP4Clip meanP, blind to order), `"sequence"` one token per frame plus learned
-temporal position embeddings (seqTransf). `video_shortcut` adds Linear(LayerNorm(frame mean)) to
+at the scale of a word (raw projections were far larger: docs/results.md, "Measurements behind
+the code"). `video_pooling="mean"` gives one token (mean over frames, CLIP4Clip meanP, blind to
+order), `"sequence"` one token per frame plus learned temporal position embeddings (seqTransf). `video_shortcut` adds Linear(LayerNorm(frame mean)) to
 the pooled candidate vector (zero-initialised, so step 0 equals the model without it): a direct,
 well-conditioned path from video to the embedding that learns within a few steps.
 Role embeddings: a (video, caption, query) -> hidden table, zero-initialised, added to the input
