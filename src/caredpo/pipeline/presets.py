@@ -92,7 +92,7 @@ def _default(seed: int) -> RunConfig:
     # histograms beside the CNN channels), LoRA on all 30 layers; the targets are the *specific*
     # sentences, so captions state a direction and events for the reward to judge. The retriever
     # takes the fine-grained recipe (retrieval/train.py PRESETS["default"]). The preference stage and
-    # both DPO arms use the first 40 training twin groups (160 clips), 2 epochs. Captions may run to
+    # both DPO arms use the first 40 training twin groups (160 clips), 1 epoch (2 made captions worse). Captions may run to
     # 40 tokens: specific sentences do (p90 34). bf16 where the CPU has it (precision.py).
     return RunConfig(
         preset="default", seed=seed,
@@ -107,8 +107,8 @@ def _default(seed: int) -> RunConfig:
         test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=40, batch_videos=40, seed=seed),
         retriever=retriever_preset("default"),
         prefs=PrefsConfig(num_samples=4, max_new_tokens=40, max_videos=160, seed=seed),
-        dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-4, epochs=2, seed=seed),
-        dpo=DPOConfig.for_mode("dpo", lr=1e-4, epochs=2, seed=seed),
+        dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-4, epochs=1, seed=seed),
+        dpo=DPOConfig.for_mode("dpo", lr=1e-4, epochs=1, seed=seed),
     )
 
 
