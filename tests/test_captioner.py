@@ -123,7 +123,7 @@ def test_greedy_matches_hf_generate(model):
         out = model.base_lm.generate(inputs_embeds=pre, attention_mask=torch.ones(pre.shape[:2], dtype=torch.long),
                                      do_sample=False, max_new_tokens=10, eos_token_id=model.eos_id,
                                      pad_token_id=model.pad_id)
-    hf = [model._decode(row) for row in out.tolist()]
+    hf = [model.decode_ids(row) for row in out.tolist()]
     assert [x[0] for x in ours] == hf
 
 

@@ -191,7 +191,7 @@ def test_greedy_tokens_are_the_plain_forward_argmax(captioners, kind):
     f = clips(m, 1, seed=3)
     with torch.no_grad():
         h, cache = m.prefill(f)
-        toks = m._sample(h, cache, 0.0, 1.0, 5, None)[0].tolist()
+        toks = m.sample_loop(h, cache, 0.0, 1.0, 5, None)[0].tolist()
         logp, P = plain_logprobs(m, f[0], toks[:-1])
     assert logp[P - 1:].argmax(-1).tolist()[:len(toks)] == toks[:len(logp) - P + 1]
 
@@ -201,11 +201,11 @@ def test_finished_rows_leave_the_batch(captioners):
     m = captioners["qwen2_vl"]
     f = clips(m, 2, seed=6)
     with torch.no_grad():
-        full = m._sample(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
+        full = m.sample_loop(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
         stop, saved = full[0, 1].item(), m.stop_ids
         m.stop_ids = saved + [stop]  # row 0 now ends at step 1
         try:
-            cut = m._sample(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
+            cut = m.sample_loop(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
         finally:
             m.stop_ids = saved
     for r in range(2):

@@ -96,7 +96,7 @@ def align_projector(model, store, sentences: Mapping[str, Sequence[str]], train_
                 order = torch.cat([order, torch.randperm(len(train_ids), generator=gen)])
             rows, order = order[:batch], order[batch:]
             with model.autocast():
-                visual = model.projector(model._frames(store.grid_feats([train_ids[i] for i in rows])))
+                visual = model.projector(model.visual_input(store.grid_feats([train_ids[i] for i in rows])))
                 logits = word_logits(visual, words, log_scale.exp()).float()
             loss = bag_of_words_loss(logits, targets[rows.to(model.device)])
             if not torch.isfinite(loss):

@@ -28,7 +28,8 @@ import torch
 from ..io import append_jsonl, read_json, write_json
 from ..records import SENTENCE_POOLS, DataError, Dataset, NonFiniteLossError, check_pool
 from .align import align_projector
-from .model import VideoCaptioner, _replace_dir
+from ..folders import replace_dir as _replace_dir
+from .model import VideoCaptioner
 
 
 @dataclass(frozen=True)
