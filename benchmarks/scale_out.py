@@ -89,7 +89,9 @@ def _dpo_worker(rank: int, world: int, port: int, run: str | None, out: str, ste
     trainer._step = timed_step
     with dist.session():
         policy, rows, feats = _dpo_inputs(Path(run) if run else None)
-        cfg = trainer.DPOConfig(groups_per_batch=2, max_steps=steps + 1, checkpoint_every=10**6, lr=1e-5)
+        from caredpo.dpo.config import DPOConfig
+
+        cfg = DPOConfig(groups_per_batch=2, max_steps=steps + 1, save_every=10**6, lr=1e-5)
         trainer.train_dpo(policy, rows, feats, out, cfg, show_progress=False)
         Path(out, f"cpu{dist.rank()}.json").write_text(json.dumps(cpu[1:]))
         if dist.is_main():

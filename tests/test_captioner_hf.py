@@ -274,7 +274,8 @@ def test_distinct_rows_and_video_frames(mp4_factory):
 
 def test_dg_dpo_moves_lora_not_base(folders, tmp_path):
     """A few DG-DPO steps through the real trainer on a tiny Qwen2-VL with fake preference rows."""
-    from caredpo.dpo.train import DPOConfig, metrics_rows, train_dpo
+    from caredpo.dpo.config import DPOConfig
+    from caredpo.dpo.train import metrics_rows, train_dpo
 
     policy = HFVideoCaptioner.from_pretrained(folders["qwen2_vl"], device="cpu", num_frames=T, lora_rank=4).eval()
     policy.set_trainable()
@@ -291,7 +292,7 @@ def test_dg_dpo_moves_lora_not_base(folders, tmp_path):
                          "ref_logps": ref.tolist(), "best": 0, "negatives": twins,
                          "ref_cross_logps": cross.tolist()})
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    cfg = DPOConfig(lr=1e-2, epochs=2, checkpoint_every=10)
+    cfg = DPOConfig(lr=1e-2, epochs=2, save_every=10)
     summary = train_dpo(policy, rows, feats, tmp_path / "dpo", cfg, show_progress=False)
     assert summary["finished"] and summary["steps"] == 4
     first = metrics_rows(tmp_path / "dpo")[0]
@@ -334,7 +335,7 @@ def test_cli_dpo_then_generate_with_hf(folders, tmp_path, mp4_factory):
     assert main(["dpo", "--groups", str(tmp_path / "groups.jsonl"), "--captioner", "hf", "--model-path",
                  str(folders["qwen2_vl"]), "--data", str(data), "--out", str(tmp_path / "dpo"),
                  "--lr", "1e-2", "--max-steps", "2"]) == 0
-    first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    first = json.loads((tmp_path / "dpo" / "log.jsonl").read_text().splitlines()[0])
     assert first["loss_caption"] == pytest.approx(math.log(2), abs=1e-4)
     out = tmp_path / "caps.jsonl"
     assert main(["captioner", "generate", "--captioner", "hf", "--model-path", str(tmp_path / "dpo" / "model"),

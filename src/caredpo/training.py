@@ -188,14 +188,14 @@ def begin(out_dir: str | Path, resume: bool, main: bool = True) -> int | None:
 
 # ---------------------------------------------------------------- non-finite check
 
-def check_finite(value: Tensor | float, what: str, step: int, checkpoint: Checkpoint, trainer: str,
+def check_finite(value: Tensor | float, what: str, step: int, checkpoint: Checkpoint | None, trainer: str,
                  hint: str, details: str = "") -> None:
     """Raise NonFiniteLossError (before the update) when `value` is NaN/inf, naming the last good
     checkpoint."""
     value = torch.as_tensor(value)
     if torch.isfinite(value).all():
         return
-    last = checkpoint.step()
+    last = checkpoint.step() if checkpoint is not None else None
     kept = f"the last good checkpoint is {checkpoint.path} (step {last})" if last is not None else \
         "no checkpoint was written yet"
     details = f"; {details}" if details else ""
