@@ -75,7 +75,8 @@ def align_projector(model, store, sentences: Mapping[str, Sequence[str]], train_
     """Train `model.projector` alone (LM untouched) on the bag-of-words loss for `steps` steps.
 
     sentences: video id -> its reference sentences; batches of `batch_videos` train videos are drawn
-    without replacement per epoch, from a generator seeded with `seed`. Returns a summary for sft.json."""
+    without replacement per epoch, from a generator seeded with `seed`. Returns a summary (SFT's
+    align.json)."""
     from rich.progress import TextColumn
 
     from ..progress import progress_bar

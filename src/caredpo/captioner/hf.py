@@ -9,8 +9,9 @@ DG-DPO trainer's `features(ids)` / `feats[rows]` work unchanged. Sequence seen b
 
 As in our own captioner (`model.py`; the algorithm is `prefix.PrefixCaptioner`), the prefix is run
 once per distinct clip (the vision tower under no_grad: it is frozen), its KV cache is reused for
-every caption of that clip, and the LM head is applied only where a caption token is predicted. LoRA (peft) sits on the language model's
-attention projections only; everything else stays frozen. bf16 on CUDA, float32 on CPU.
+every caption of that clip, and the LM head is applied only where a caption token is predicted.
+LoRA (peft) sits on the language model's attention projections only; everything else stays
+frozen. bf16 on CUDA, float32 on CPU.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from torch import nn
 from .. import dist
 from ..io import read_jsonl, write_json
 from ..records import DataError
-from ..records import NonFiniteLossError  # noqa: F401  (re-exported: `caredpo dpo` catches it from here)
+from ..records import NonFiniteLossError  # noqa: F401  (still importable from here, as before dpo/config.py)
 from ..training import (CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin,
                         check_finite, clip_gradients, due, lr_schedule, restore_weights)
 from .batch import FeatureFn, batch_loss, group_key, shared_loss

@@ -31,7 +31,7 @@ from ..training import (CONFIG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin
                         lr_schedule, restore_weights)
 from .loss import info_nce
 from .model import Retriever, RetrieverConfig
-from .score import GlobalFeatures, Scorer, evaluate, reference_captions
+from .score import GlobalFeatures, evaluate, reference_captions
 
 HINT = "Lower the learning rates (lr, head_lr)."
 
