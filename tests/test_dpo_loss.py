@@ -157,3 +157,29 @@ def test_nll_term_and_ragged_captions():
         dg_dpo_loss(pol, ref, rewards, None, None, 1.0, 0.0, lambda_nll=0.5)
     with pytest.raises(ValueError, match="pairs"):
         pair_mask(rewards, pairs="every")
+
+
+def test_stats_of_two_halves_combine_to_the_whole_batch():
+    """DPOStats' declared rules (count-weighted means, summed counts) rebuild the whole batch's stats
+    from two shares, as `batch.shared_loss` does across processes."""
+    from caredpo.dpo.stats import from_sums, weighted_sums
+
+    g = torch.Generator().manual_seed(3)
+    pol, ref, rew = (torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    rew[1] = 0.5  # a video without a valid pair
+    cross, ref_cross = (torch.randn(6, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    xmask = torch.ones(6, 2, dtype=torch.bool)
+    xmask[4] = False  # a video without twins
+    lengths = torch.full((6, 3), 4.0, dtype=torch.float64)
+
+    def stats(rows):
+        return dg_dpo_loss(pol[rows], ref[rows], rew[rows], cross[rows], ref_cross[rows], 0.5, 1.0,
+                           cross_mask=xmask[rows], lambda_nll=0.1, lengths=lengths[rows])[1]
+
+    whole = stats(slice(0, 6))
+    parts = [weighted_sums(stats(slice(0, 2))), weighted_sums(stats(slice(2, 6)))]
+    combined = from_sums([a + b for a, b in zip(*parts)])
+    for name, value in whole.to_row().items():
+        if name != "loss":  # the loss of shares is weighted by `shared_loss`, not summed raw
+            assert combined.to_row()[name] == pytest.approx(value, rel=1e-6), name  # accuracies: fp32 means
+    assert combined.n_pairs == whole.n_pairs and combined.twins == 10 and combined.video_videos == 5
