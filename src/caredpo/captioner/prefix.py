@@ -24,12 +24,12 @@ from .batching import caption_ids, caption_logprobs, distinct_rows
 from .sampling import pick_tokens, video_uniforms
 
 
-def check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
     if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError("need n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
 
 
-def uniforms(seed: int | Sequence[int] | None, videos: int, n: int, steps: int, device: torch.device):
+def _uniforms(seed: int | Sequence[int] | None, videos: int, n: int, steps: int, device: torch.device):
     """(generator, table) of a generate call: one int seeds one generator for the batch (a draw per
     row and step); one seed per video gives a fixed table [videos * n, steps] (`video_uniforms`)."""
     if seed is None or isinstance(seed, int):
@@ -39,7 +39,7 @@ def uniforms(seed: int | Sequence[int] | None, videos: int, n: int, steps: int, 
     return None, video_uniforms(seed, n, steps).to(device)
 
 
-def select_rows(last: Tensor, cache, rows: Tensor) -> Tensor:
+def _select_rows(last: Tensor, cache, rows: Tensor) -> Tensor:
     """Prefill rows `rows` [R] (indices into its U clips) for R sequences: hidden [R, d], cache in
     place. Nothing is copied when the rows are already 0..U-1."""
     if len(rows) == len(last) and torch.equal(rows, torch.arange(len(rows))):
@@ -76,7 +76,7 @@ class PrefixCaptioner(nn.Module):
         uniq, inv = distinct_rows(self.visual_input(features))
         with self.autocast():
             last, cache = self.prefill(uniq)
-            hidden = select_rows(last, cache, inv)[:, None]  # position P-1 predicts caption token 0
+            hidden = _select_rows(last, cache, inv)[:, None]  # position P-1 predicts caption token 0
             if ids.shape[1] > 1:  # caption tokens 0..L-2 predict tokens 1..L-1
                 hidden = torch.cat([hidden, self.extend(ids[:, :-1], cache, 0).to(hidden.dtype)], 1)
             return caption_logprobs(self.lm_head, hidden, ids, mask), mask
@@ -106,12 +106,12 @@ class PrefixCaptioner(nn.Module):
                      max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> Tensor:
         """Token ids [B * n, max_new_tokens] (row b*n + j: sample j of clip b; end-filled after the end).
         One prefix pass per distinct clip, its KV cache repeated for the n samples."""
-        check_sampling(n, temperature, top_p, max_new_tokens)
-        gen, table = uniforms(seed, features.shape[0], n, max_new_tokens, self.device)
+        _check_sampling(n, temperature, top_p, max_new_tokens)
+        gen, table = _uniforms(seed, features.shape[0], n, max_new_tokens, self.device)
         uniq, inv = distinct_rows(self.visual_input(features))
         with self.autocast():
             last, cache = self.prefill(uniq)
-            h = select_rows(last, cache, inv.repeat_interleave(n))
+            h = _select_rows(last, cache, inv.repeat_interleave(n))
             return self.sample_loop(h, cache, temperature, top_p, max_new_tokens, gen, table)
 
     def sample_loop(self, h: Tensor, cache, temperature: float, top_p: float, max_new_tokens: int,
