@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from caredpo.features import FeatureConfig, encode_frames, extract_features, load_frame_encoder, preprocess
-from caredpo.video import _square_resize, read_frames, sample_indices
+from caredpo.video import read_frames, sample_indices, square_resize
 from peak import describe, measure_peaks, share
 
 
@@ -41,7 +41,7 @@ def load_data(path: Path, limit: int):
 def naive_decode(path: Path, num_frames: int, size: int) -> np.ndarray:
     with av.open(str(path)) as c:
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    return np.stack([_square_resize(frames[i], size) for i in sample_indices(len(frames), num_frames)])
+    return np.stack([square_resize(frames[i], size) for i in sample_indices(len(frames), num_frames)])
 
 
 def time_decode(fn, paths, cfg) -> float:

@@ -118,7 +118,8 @@ def text_policy_cls():
 def run_ours(args) -> dict:
     import torch
 
-    from caredpo.dpo.train import DPOConfig, metrics_rows, train_dpo
+    from caredpo.dpo.config import DPOConfig
+    from caredpo.dpo.train import metrics_rows, train_dpo
 
     model, tok = load(args.lm)
     pairs = make_pairs(tok, args.batch * args.steps, args.prompt_tokens)
@@ -133,7 +134,7 @@ def run_ours(args) -> dict:
     rows = precompute_refs(policy, pairs, feats, args.batch)
     ref_time = time.perf_counter() - t0
     cfg = DPOConfig.for_mode("dpo", beta=0.1, lr=args.lr, groups_per_batch=args.batch, max_steps=args.steps,
-                             checkpoint_every=10**6, max_grad_norm=1.0)
+                             save_every=10**6, grad_clip=1.0)
     with tempfile.TemporaryDirectory() as out:
         train_dpo(policy, rows, feats, out, cfg, show_progress=False)
         times = [r["time_s"] for r in metrics_rows(out)]

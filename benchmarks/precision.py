@@ -143,7 +143,7 @@ def dpo_rows(x: Inputs) -> list[dict]:
 
 def dpo_case(model, x: Inputs):
     from caredpo.dpo.batch import batch_loss
-    from caredpo.dpo.train import DPOConfig
+    from caredpo.dpo.config import DPOConfig
 
     rows, cfg = dpo_rows(x), DPOConfig.for_mode("dg-dpo", lr=1e-5)
     index = {v: i for i, v in enumerate(x.ids)}
@@ -182,15 +182,16 @@ def logprob_case(model, x: Inputs):
 def retriever_case(encoder: str, prec: str, x: Inputs):
     """16 pairs: query = a video's first sentence, candidate = its features + its second sentence."""
     from caredpo.retrieval.model import Retriever, RetrieverConfig
-    from caredpo.retrieval.train import RetrieverTrainConfig, make_optimizer, train_step
+    from caredpo.retrieval.train import RetrieverTrainConfig, make_optimizer, make_schedule, train_step
 
     cfg = RetrieverTrainConfig(model=RetrieverConfig(text_encoder=encoder, precision=prec))
     model = Retriever(cfg.model)
     opt = make_optimizer(model, cfg)
+    sched = make_schedule(opt, cfg)
     queries = [x.captions[v][0] for v in x.ids]
     captions = [x.captions[v][1] for v in x.ids]
     steps = iter(range(10**9))
-    run = lambda: train_step(model, opt, cfg, queries, x.glob, captions, next(steps))  # noqa: E731
+    run = lambda: train_step(model, opt, sched, cfg, queries, x.glob, captions, next(steps))  # noqa: E731
     return run, len(queries), "pairs/s", retriever_flops(model, queries, captions)
 
 

@@ -89,7 +89,9 @@ def _dpo_worker(rank: int, world: int, port: int, run: str | None, out: str, ste
     trainer._step = timed_step
     with dist.session():
         policy, rows, feats = _dpo_inputs(Path(run) if run else None)
-        cfg = trainer.DPOConfig(groups_per_batch=2, max_steps=steps + 1, checkpoint_every=10**6, lr=1e-5)
+        from caredpo.dpo.config import DPOConfig
+
+        cfg = DPOConfig(groups_per_batch=2, max_steps=steps + 1, save_every=10**6, lr=1e-5)
         trainer.train_dpo(policy, rows, feats, out, cfg, show_progress=False)
         Path(out, f"cpu{dist.rank()}.json").write_text(json.dumps(cpu[1:]))
         if dist.is_main():
@@ -154,7 +156,7 @@ def timed(fn, repeats: int):
 
 def search_rows(n_gallery: int, repeats: int, hnsw: bool) -> tuple[list[tuple], tuple]:
     """[(method, build s, search s, recall@10)], and (ranks: torch s, FAISS s, agree)."""
-    from caredpo.retrieval.search import (SearchConfig, _counted_ranks, build_index, search_index, t2v_ranks,
+    from caredpo.retrieval.search import (SearchConfig, build_index, counted_ranks, search_index, t2v_ranks,
                                           topk)
 
     q, g, truth = clustered(n_gallery)
@@ -172,7 +174,7 @@ def search_rows(n_gallery: int, repeats: int, hnsw: bool) -> tuple[list[tuple], 
         recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(found, exact)])
         rows.append((name, built, sec, float(recall)))
         del index
-    t_count, by_count = timed(lambda: _counted_ranks(q, g, truth, 4096), 1)
+    t_count, by_count = timed(lambda: counted_ranks(q, g, truth, 4096), 1)
     t_faiss, by_faiss = timed(lambda: t2v_ranks(q, g, truth, SearchConfig(exact_max=0)), 1)
     return rows, (t_count, t_faiss, bool(torch.equal(by_count, by_faiss)), float(by_count.float().median()))
 

@@ -92,5 +92,5 @@ def test_non_finite_losses_stop_alignment_and_sft_with_one_line(tmp_path):
     with pytest.raises(NonFiniteLossError, match="projector alignment step 1: non-finite loss"):
         align_projector(model, store, sentences, list(sentences), steps=3, lr=1e-3, batch_videos=4, show_progress=False)
     cfg = SFTConfig(steps=2, videos_per_step=2, captions_per_video=1, align_steps=0, val_fraction=0.0)
-    with pytest.raises(NonFiniteLossError, match="captioner SFT: non-finite loss"):
+    with pytest.raises(NonFiniteLossError, match="captioner SFT step 1: non-finite loss"):
         train_sft(model, ds, store, tmp_path / "run", cfg, show_progress=False, log=lambda s: None)

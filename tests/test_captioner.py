@@ -123,7 +123,7 @@ def test_greedy_matches_hf_generate(model):
         out = model.base_lm.generate(inputs_embeds=pre, attention_mask=torch.ones(pre.shape[:2], dtype=torch.long),
                                      do_sample=False, max_new_tokens=10, eos_token_id=model.eos_id,
                                      pad_token_id=model.pad_id)
-    hf = [model._decode(row) for row in out.tolist()]
+    hf = [model.decode_ids(row) for row in out.tolist()]
     assert [x[0] for x in ours] == hf
 
 
@@ -215,7 +215,7 @@ def test_sft_overfits_a_handful_of_clips(tmp_path):
     cfg = SFTConfig(steps=60, videos_per_step=4, captions_per_video=2, lr_projector=1e-2, lr_lora=1e-2,
                     warmup_steps=2, val_fraction=0.0, save_every=0)
     result = train_sft(model, ds, store, tmp_path / "run", cfg, show_progress=False, log=lambda s: None)
-    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "sft_log.jsonl")]
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "log.jsonl")]
     assert len(losses) == 60 and result["steps_done"] == 60
     assert losses[-1] < 0.1 * losses[0] and losses[-1] < 1.0
     assert all(torch.equal(p, base0[n]) for n, p in model.lm.named_parameters() if "lora_" not in n)
@@ -249,8 +249,8 @@ def test_sft_resume_continues_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(sft, "train_step", real)
     resumed = VideoCaptioner(TINY)
     train_sft(resumed, ds, store, tmp_path / "b", cfg, resume=True, show_progress=False, log=lambda s: None)
-    steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "sft_log.jsonl")]
-    assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # step 4 was logged, then redone after the step-3 checkpoint
+    steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "log.jsonl")]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # step 4 was logged, dropped on resume (after the step-3 checkpoint), redone
     for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, msg=n)
 

@@ -191,7 +191,7 @@ def test_greedy_tokens_are_the_plain_forward_argmax(captioners, kind):
     f = clips(m, 1, seed=3)
     with torch.no_grad():
         h, cache = m.prefill(f)
-        toks = m._sample(h, cache, 0.0, 1.0, 5, None)[0].tolist()
+        toks = m.sample_loop(h, cache, 0.0, 1.0, 5, None)[0].tolist()
         logp, P = plain_logprobs(m, f[0], toks[:-1])
     assert logp[P - 1:].argmax(-1).tolist()[:len(toks)] == toks[:len(logp) - P + 1]
 
@@ -201,11 +201,11 @@ def test_finished_rows_leave_the_batch(captioners):
     m = captioners["qwen2_vl"]
     f = clips(m, 2, seed=6)
     with torch.no_grad():
-        full = m._sample(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
+        full = m.sample_loop(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
         stop, saved = full[0, 1].item(), m.stop_ids
         m.stop_ids = saved + [stop]  # row 0 now ends at step 1
         try:
-            cut = m._sample(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
+            cut = m.sample_loop(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
         finally:
             m.stop_ids = saved
     for r in range(2):
@@ -274,7 +274,8 @@ def test_distinct_rows_and_video_frames(mp4_factory):
 
 def test_dg_dpo_moves_lora_not_base(folders, tmp_path):
     """A few DG-DPO steps through the real trainer on a tiny Qwen2-VL with fake preference rows."""
-    from caredpo.dpo.train import DPOConfig, metrics_rows, train_dpo
+    from caredpo.dpo.config import DPOConfig
+    from caredpo.dpo.train import metrics_rows, train_dpo
 
     policy = HFVideoCaptioner.from_pretrained(folders["qwen2_vl"], device="cpu", num_frames=T, lora_rank=4).eval()
     policy.set_trainable()
@@ -291,7 +292,7 @@ def test_dg_dpo_moves_lora_not_base(folders, tmp_path):
                          "ref_logps": ref.tolist(), "best": 0, "negatives": twins,
                          "ref_cross_logps": cross.tolist()})
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    cfg = DPOConfig(lr=1e-2, epochs=2, checkpoint_every=10)
+    cfg = DPOConfig(lr=1e-2, epochs=2, save_every=10)
     summary = train_dpo(policy, rows, feats, tmp_path / "dpo", cfg, show_progress=False)
     assert summary["finished"] and summary["steps"] == 4
     first = metrics_rows(tmp_path / "dpo")[0]
@@ -334,7 +335,7 @@ def test_cli_dpo_then_generate_with_hf(folders, tmp_path, mp4_factory):
     assert main(["dpo", "--groups", str(tmp_path / "groups.jsonl"), "--captioner", "hf", "--model-path",
                  str(folders["qwen2_vl"]), "--data", str(data), "--out", str(tmp_path / "dpo"),
                  "--lr", "1e-2", "--max-steps", "2"]) == 0
-    first = json.loads((tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    first = json.loads((tmp_path / "dpo" / "log.jsonl").read_text().splitlines()[0])
     assert first["loss_caption"] == pytest.approx(math.log(2), abs=1e-4)
     out = tmp_path / "caps.jsonl"
     assert main(["captioner", "generate", "--captioner", "hf", "--model-path", str(tmp_path / "dpo" / "model"),

@@ -74,7 +74,7 @@ def _make_dpo_inputs(root: Path) -> None:
 def _dpo_args(root: Path, out: str) -> list[str]:
     return ["dpo", "--groups", str(root / "prefs.jsonl"), "--captioner", str(root / "sft"),
             "--features", str(root / "feats"), "--out", str(root / out), "--epochs", "2", "--lr", "1e-2",
-            "--lambda-nll", "0.1", "--groups-per-batch", "2", "--checkpoint-every", "100"]
+            "--lambda-nll", "0.1", "--groups-per-batch", "2", "--save-every", "100"]
 
 
 def _retriever_cfg():
@@ -207,15 +207,16 @@ def test_dg_dpo_two_processes_equal_one(root):
     from caredpo.dpo.train import metrics_rows
 
     assert main(_dpo_args(root, "dpo1")) == 0
-    one = torch.load(root / "dpo1" / "checkpoint.pt", weights_only=False)
-    two = torch.load(root / "dpo2" / "checkpoint.pt", weights_only=False)
-    assert one["step"] == two["step"] == 4  # 3 groups / 2 per step x 2 epochs; the last step of an epoch
-    start = _initial_trainable(root)        # has one group: one process sits it out
-    moved = 0
-    for name, p in one["trainable"].items():
-        torch.testing.assert_close(two["trainable"][name], p, atol=1e-5, rtol=0, msg=name)
+    from caredpo.training import Checkpoint
+
+    one, two = Checkpoint(root / "dpo1"), Checkpoint(root / "dpo2")
+    assert one.step() == two.step() == 4  # 3 groups / 2 per step x 2 epochs; the last step of an epoch
+    start = _initial_trainable(root)      # has one group: one process sits it out
+    moved, w1, w2 = 0, one.weights(), two.weights()
+    for name, p in w1.items():
+        torch.testing.assert_close(w2[name], p, atol=1e-5, rtol=0, msg=name)
         moved += not torch.equal(p, start[name])
-    assert moved == len(one["trainable"])  # every trainable tensor changed: the comparison means something
+    assert moved == len(w1)  # every trainable tensor changed: the comparison means something
     m1, m2 = metrics_rows(root / "dpo1"), metrics_rows(root / "dpo2")
     assert len(m1) == len(m2) == 4
     for a, b in zip(m1, m2):  # rank 0 logs the whole batch's stats, as one process does
@@ -316,7 +317,8 @@ def test_merge_keeps_existing_rows_and_drops_repeats(tmp_path):
 
 
 def test_dpo_refuses_fewer_groups_per_step_than_processes(tmp_path, monkeypatch):
-    from caredpo.dpo.train import DPOConfig, train_dpo
+    from caredpo.dpo.config import DPOConfig
+    from caredpo.dpo.train import train_dpo
     from caredpo.records import DataError
 
     monkeypatch.setattr(dist, "world_size", lambda: 2)

@@ -8,9 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from caredpo.dpo.train import (CHECKPOINT, DPOConfig, NonFiniteLossError, batch_loss, load_groups,
-                               metrics_rows, train_dpo, twin_batches)
-from caredpo.records import DataError
+from caredpo.dpo.batch import batch_loss
+from caredpo.dpo.config import DPOConfig
+from caredpo.dpo.train import CHECKPOINT, load_groups, metrics_rows, train_dpo, twin_batches
+from caredpo.records import DataError, NonFiniteLossError
+from caredpo.training import Checkpoint
 
 T, D = 4, 8  # frames, feature size of the fake visual features
 
@@ -97,7 +99,7 @@ def test_resume_on_the_tiny_video_captioner(tmp_path):
     ccfg = CaptionerConfig(lm="tiny", feature_dim=16, num_frames=2, projector_hidden=32, lora_layers=-1, lora_rank=4)
     make = lambda: VideoCaptioner(ccfg)  # noqa: E731
     path, feats = _setup(None, tmp_path, make=make, shape=(2, 4, 16))
-    cfg = DPOConfig(epochs=2, checkpoint_every=1, lr=1e-2, lambda_nll=0.1)
+    cfg = DPOConfig(epochs=2, save_every=1, lr=1e-2, lambda_nll=0.1)
     full = make()
     frozen_before = {n: p.detach().clone() for n, p in full.named_parameters() if not p.requires_grad}
     train_dpo(full, path, feats, tmp_path / "full", cfg, show_progress=False)
@@ -129,7 +131,7 @@ def test_only_trainable_parameters_change(tok, tmp_path):
 
 def test_resume_gives_the_same_weights(tok, tmp_path):
     path, feats = _setup(tok, tmp_path)
-    cfg = DPOConfig(epochs=3, checkpoint_every=2, lr=1e-2, dropout=True, warmup_steps=2, lambda_nll=0.1)
+    cfg = DPOConfig(epochs=3, save_every=2, lr=1e-2, dropout=True, warmup_steps=2, lambda_nll=0.1)
     full = TinyPolicy(tok)
     train_dpo(full, path, feats, tmp_path / "full", cfg, show_progress=False)
     part = TinyPolicy(tok)
@@ -162,11 +164,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tok, tmp_path):
 
     policy.logprob = flaky
     with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite loss.*step 2"):
-        train_dpo(policy, path, feats, tmp_path / "run", DPOConfig(epochs=3, checkpoint_every=1, lr=1e-2),
+        train_dpo(policy, path, feats, tmp_path / "run", DPOConfig(epochs=3, save_every=1, lr=1e-2),
                   show_progress=False)
-    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
-    assert ckpt["step"] == 2
-    for name, p in ckpt["trainable"].items():  # no update was applied after the bad loss
+    ckpt = Checkpoint(tmp_path / "run")
+    assert ckpt.step() == 2 and (tmp_path / "run" / CHECKPOINT).is_dir()
+    for name, p in ckpt.weights().items():  # no update was applied after the bad loss
         assert torch.equal(p, dict(policy.named_parameters())[name])
     assert len(metrics_rows(tmp_path / "run")) == 2
 
@@ -189,7 +191,7 @@ def test_plain_dpo_scores_only_best_and_worst(tok, tmp_path):
     real = policy.logprob
     policy.logprob = lambda f, c: seen.append(len(c)) or real(f, c)
     loss, stats = batch_loss(policy, rows, feats, DPOConfig.for_mode("dpo"))
-    assert seen == [4] and stats["n_pairs"] == 2  # 2 videos x (best, worst), no twin passes
+    assert seen == [4] and stats.n_pairs == 2  # 2 videos x (best, worst), no twin passes
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     batch_loss(policy, rows, feats, DPOConfig())
     assert seen[1] == 2 * 4 + 2 * 2  # all 4 captions of 2 videos + best caption under 2 twins each

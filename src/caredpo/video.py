@@ -45,7 +45,7 @@ def read_frames(path: str | Path, num_frames: int, size: int) -> np.ndarray:
         raise VideoError(f"{path}: not a readable video ({type(e).__name__}: {reason})") from None
     if not frames:
         raise VideoError(f"{path}: video has no decodable frames")
-    return np.stack([_square_resize(f, size) for f in frames])
+    return np.stack([square_resize(f, size) for f in frames])
 
 
 def _decode(container: av.container.InputContainer, num_frames: int) -> list[np.ndarray]:
@@ -77,7 +77,7 @@ def _decode_by_seeking(container, stream, n: int, num_frames: int) -> list[np.nd
     return out
 
 
-def _square_resize(frame: np.ndarray, size: int) -> np.ndarray:
+def square_resize(frame: np.ndarray, size: int) -> np.ndarray:
     """Centre crop to a square, then antialiased bilinear resize. [H, W, 3] -> [size, size, 3]."""
     h, w, _ = frame.shape
     s = min(h, w)

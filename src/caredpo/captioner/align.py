@@ -75,7 +75,8 @@ def align_projector(model, store, sentences: Mapping[str, Sequence[str]], train_
     """Train `model.projector` alone (LM untouched) on the bag-of-words loss for `steps` steps.
 
     sentences: video id -> its reference sentences; batches of `batch_videos` train videos are drawn
-    without replacement per epoch, from a generator seeded with `seed`. Returns a summary for sft.json."""
+    without replacement per epoch, from a generator seeded with `seed`. Returns a summary (SFT's
+    align.json)."""
     from rich.progress import TextColumn
 
     from ..progress import progress_bar
@@ -96,7 +97,7 @@ def align_projector(model, store, sentences: Mapping[str, Sequence[str]], train_
                 order = torch.cat([order, torch.randperm(len(train_ids), generator=gen)])
             rows, order = order[:batch], order[batch:]
             with model.autocast():
-                visual = model.projector(model._frames(store.grid_feats([train_ids[i] for i in rows])))
+                visual = model.projector(model.visual_input(store.grid_feats([train_ids[i] for i in rows])))
                 logits = word_logits(visual, words, log_scale.exp()).float()
             loss = bag_of_words_loss(logits, targets[rows.to(model.device)])
             if not torch.isfinite(loss):

@@ -7,31 +7,30 @@ DG-DPO trainer's `features(ids)` / `feats[rows]` work unchanged. Sequence seen b
 
     <chat head> [N visual tokens from the vision tower] <prompt, assistant turn>  caption  <|im_end|>
 
-As in our own captioner (`model.py`), the prefix is run once per distinct clip (the vision tower
-under no_grad: it is frozen), its KV cache is reused for every caption of that clip, and the LM
-head is applied only where a caption token is predicted. LoRA (peft) sits on the language model's
-attention projections only; everything else stays frozen. bf16 on CUDA, float32 on CPU.
+As in our own captioner (`model.py`; the algorithm is `prefix.PrefixCaptioner`), the prefix is run
+once per distinct clip (the vision tower under no_grad: it is frozen), its KV cache is reused for
+every caption of that clip, and the LM head is applied only where a caption token is predicted.
+LoRA (peft) sits on the language model's attention projections only; everything else stays
+frozen. bf16 on CUDA, float32 on CPU.
 """
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
 
+from ..folders import staged_dir
 from ..io import write_json
 from ..records import DataError
 from . import hf_families as fam
-from .batching import caption_ids, caption_logprobs, distinct_rows
-from .model import _replace_dir
-from .sampling import pick_tokens, video_uniforms
+from .adapter import add_lora, save_adapter
+from .adapter import load_adapter as load_lora  # the method below takes the plain name
+from .prefix import PrefixCaptioner
 
 FORMAT = "caredpo-hf-captioner-v1"
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -68,7 +67,7 @@ class HFCaptionerConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class HFVideoCaptioner(nn.Module):
+class HFVideoCaptioner(PrefixCaptioner):
     """Implements `caredpo.captioner.base.Captioner` on a local HF video MLLM (+ LoRA)."""
 
     def __init__(self, config: HFCaptionerConfig, device: str | torch.device | None = None, model=None,
@@ -148,7 +147,7 @@ class HFVideoCaptioner(nn.Module):
 
     # ------------------------------------------------------------ prefix
 
-    def _frames(self, features: torch.Tensor) -> torch.Tensor:
+    def visual_input(self, features: torch.Tensor) -> torch.Tensor:
         """Check [B, T, 3, H, W], subsample frames evenly to num_frames."""
         T = self.config.num_frames
         if features.dim() != 5 or features.shape[2] != 3:
@@ -176,104 +175,21 @@ class HFVideoCaptioner(nn.Module):
         out = self.text(inputs_embeds=emb, position_ids=pos, cache=cache, use_cache=True)
         return out.last_hidden_state[:, -1], cache
 
-    def _extend(self, ids: torch.Tensor, cache, offset: int) -> torch.Tensor:
+    def extend(self, ids: torch.Tensor, cache, offset: int) -> torch.Tensor:
         """Text tokens ids [R, L] after the prefix (+ offset earlier ones) -> hidden [R, L, d]."""
         pos = (self.next_pos + offset + torch.arange(ids.shape[1], device=self.device)).expand(ids.shape[0], -1)
         return self.text(input_ids=ids, position_ids=pos, cache=cache, use_cache=True).last_hidden_state
-
-    # ------------------------------------------------------------ log-probs
-
-    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Caption ids + end-of-turn token, right-padded: ids [N, L], mask [N, L] (bool)."""
-        ids, mask = caption_ids(self.tokenizer, captions, self.end_id, self.pad_id)
-        return ids.to(self.device), mask.to(self.device)
-
-    def token_logprobs(self, features: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p of each caption token (end token included) given clip + prompt: ([N, L], mask).
-        Right padding needs no attention mask: a real token never attends to the pads after it."""
-        if features.shape[0] != len(captions):
-            raise ValueError(f"{features.shape[0]} videos but {len(captions)} captions")
-        ids, mask = self.encode_captions(captions)
-        uniq, inv = distinct_rows(self._frames(features))
-        last, cache = self.prefill(uniq)
-        if uniq.shape[0] != len(captions) or not torch.equal(inv, torch.arange(len(inv))):
-            inv = inv.to(self.device)  # one cache row per caption
-            cache.batch_select_indices(inv)
-            last = last[inv]
-        hidden = last[:, None]  # the prefix's last position predicts caption token 0
-        if ids.shape[1] > 1:
-            hidden = torch.cat([hidden, self._extend(ids[:, :-1], cache, 0)], 1)
-        return caption_logprobs(self.lm_head, hidden, ids, mask), mask
-
-    def logprob(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """Summed log p(caption + end token | clip, prompt) -> [B]. Differentiable w.r.t. LoRA."""
-        return self.token_logprobs(features, captions)[0].sum(1)
-
-    # ------------------------------------------------------------ sampling
-
-    seeds_per_video = True  # generate() takes one seed per video (see Captioner.generate)
-
-    @torch.inference_mode()
-    def generate(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> list[list[str]]:
-        """n captions per clip; temperature 0 = greedy. Same seed -> same captions. As in our own
-        captioner: one int seeds the whole batch; one seed per video (`sampling.video_uniforms`) makes
-        a video's captions independent of the rest of the batch."""
-        if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError("need n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
-        B = features.shape[0]
-        per_video = seed is not None and not isinstance(seed, int)
-        if per_video and len(seed) != B:
-            raise ValueError(f"{len(seed)} seeds for {B} videos")
-        gen = None if seed is None or per_video else torch.Generator(self.device).manual_seed(seed)
-        table = video_uniforms(seed, n, max_new_tokens).to(self.device) if per_video else None
-        uniq, inv = distinct_rows(self._frames(features))
-        h, cache = self.prefill(uniq)
-        rows = inv.repeat_interleave(n).to(self.device)  # row b*n + j: sample j of clip b
-        cache.batch_select_indices(rows)
-        tokens = self._sample(h[rows], cache, temperature, top_p, max_new_tokens, gen, table)
-        texts = [self._decode(r) for r in tokens.tolist()]
-        return [texts[i * n:(i + 1) * n] for i in range(B)]
-
-    def _sample(self, h, cache, temperature, top_p, max_new_tokens, gen, table=None) -> torch.Tensor:
-        """From prefix hidden states h [R, d] -> token ids [R, max_new_tokens] (end-filled).
-        Uniforms: row r at step t uses table[r, t] when given, else one draw of `gen` per row."""
-        R = h.shape[0]
-        tokens = torch.full((R, max_new_tokens), self.end_id, dtype=torch.long, device=self.device)
-        active, stop = torch.arange(R, device=self.device), torch.tensor(self.stop_ids, device=self.device)
-        for step in range(max_new_tokens):
-            u = table[active, step] if table is not None else torch.rand(R, generator=gen, device=self.device)[active]
-            nxt = pick_tokens(self.lm_head(h), temperature, top_p, u)
-            tokens[active, step] = nxt
-            keep = ~torch.isin(nxt, stop)
-            if step == max_new_tokens - 1 or not keep.any():
-                break
-            if not keep.all():  # finished rows leave the batch and its cache
-                active, nxt = active[keep], nxt[keep]
-                cache.batch_select_indices(keep.nonzero()[:, 0])
-            h = self._extend(nxt[:, None], cache, step)[:, -1]
-        return tokens
-
-    def _decode(self, row: list[int]) -> str:
-        ends = [i for i, t in enumerate(row) if t in self.stop_ids]
-        return self.tokenizer.decode(row[:ends[0]] if ends else row, skip_special_tokens=True).strip()
 
     # ------------------------------------------------------------ save / load
 
     def save_pretrained(self, path: str | Path) -> Path:
         """config.json (our format: the base model's path + settings) + adapter/ (peft LoRA).
         The base weights are not copied: they stay where config.model_path points."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
+        with staged_dir(path) as tmp:
             write_json(tmp / "config.json", {"format": FORMAT, "model_type": self.hf_config.model_type,
                                              "captioner": asdict(self.config)})
-            self.lm.save_pretrained(tmp / "adapter")
-            _replace_dir(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+            save_adapter(self.lm, tmp)
+        return Path(path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, adapter: str | Path | None = None,
@@ -296,17 +212,7 @@ class HFVideoCaptioner(nn.Module):
 
     def load_adapter(self, path: str | Path) -> None:
         """LoRA weights from a peft adapter folder (or a saved captioner folder's adapter/)."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        path = path / "adapter" if (path / "adapter").is_dir() else path
-        file = path / "adapter_model.safetensors"
-        if not file.exists():
-            raise DataError(f"{path}: no adapter_model.safetensors (not a LoRA adapter folder)")
-        res = set_peft_model_state_dict(self.lm, load_file(str(file)))
-        if getattr(res, "unexpected_keys", None):
-            raise DataError(f"{path}: adapter does not fit the model ({res.unexpected_keys[:3]} ...)")
+        load_lora(self.lm, path)
 
 
 # ---------------------------------------------------------------- visual input
@@ -370,11 +276,6 @@ def _load(path: Path, spec: fam.FamilySpec, cfg: HFCaptionerConfig, device: torc
 def _add_lora(model, cfg: HFCaptionerConfig):
     """LoRA on the language model's attention projections only (the regex keeps the vision
     tower's own q/k/v projections out)."""
-    from peft import LoraConfig, get_peft_model
-
     targets = rf".*language_model.*\.({'|'.join(cfg.lora_targets)})"
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return get_peft_model(model, lora)
+    return add_lora(model, cfg.seed, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=targets)

@@ -5,18 +5,12 @@ Sequence seen by the LM (ChatML for SmolLM2):
     <|im_start|>user\\n [V visual tokens] \\nDescribe the video in one sentence.<|im_end|>\\n
     <|im_start|>assistant\\n  caption tokens  <|im_end|>
 
-The part before the caption (the *prefix*, P = head + V + tail tokens) is the same for every
-caption of a video, so both `generate` and `logprob` run it once per distinct video and reuse its
-KV cache for all captions of that video (n samples, or the K candidates of a DPO group). The LM head
-(576 x 49152 for SmolLM2) is applied only at positions that predict a caption token.
+The part before the caption (the *prefix*, P = head + V + tail tokens) runs once per distinct
+video and its KV cache serves every caption of that video (`prefix.PrefixCaptioner`, shared with
+the HF backend); the LM head (576 x 49152 for SmolLM2) runs only where a caption token is predicted.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,10 +18,11 @@ import torch
 from torch import nn
 
 from .. import precision
+from ..folders import staged_dir
 from ..io import write_json
-from .batching import caption_ids, caption_logprobs, distinct_rows
+from .adapter import add_lora, load_adapter, save_adapter
 from .lm import load_lm
-from .sampling import sample_loop, video_uniforms
+from .prefix import PrefixCaptioner
 
 FORMAT = "caredpo-captioner-v1"
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -154,7 +149,7 @@ class Projector(nn.Module):
         return out + self.pos
 
 
-class VideoCaptioner(nn.Module):
+class VideoCaptioner(PrefixCaptioner):
     """Implements `caredpo.captioner.base.Captioner` (generate / logprob) on grid features."""
 
     def __init__(self, config: CaptionerConfig = CaptionerConfig(), lm=None, tokenizer=None):
@@ -182,6 +177,15 @@ class VideoCaptioner(nn.Module):
         return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
     @property
+    def end_id(self) -> int:
+        """EOS closes a caption (appended to captions scored, fills rows that stopped)."""
+        return self.eos_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.eos_id]
+
+    @property
     def base_lm(self):
         """The causal LM (with LoRA layers injected when there are any)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
@@ -189,6 +193,10 @@ class VideoCaptioner(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.projector.fc1.weight.device
+
+    def autocast(self):
+        """The context every LM pass runs in (bf16 autocast or none; see caredpo.precision)."""
+        return precision.autocast(self.config.precision, self.device)
 
     # ------------------------------------------------------------ trainable parts
 
@@ -201,9 +209,9 @@ class VideoCaptioner(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    # ------------------------------------------------------------ prefix
+    # ------------------------------------------------------------ prefix (see prefix.PrefixCaptioner)
 
-    def _frames(self, features: torch.Tensor) -> torch.Tensor:
+    def visual_input(self, features: torch.Tensor) -> torch.Tensor:
         """Check shape, subsample frames evenly to num_frames, move to the model's device."""
         cfg = self.config
         if features.dim() != 4 or features.shape[2:] != (cfg.grid_cells, cfg.input_dim):
@@ -218,7 +226,7 @@ class VideoCaptioner(nn.Module):
 
     def prefix_embeds(self, features: torch.Tensor) -> torch.Tensor:
         """[B, T, G, C] -> [B, P, d]: head text, visual tokens, tail text (prompt)."""
-        vis = self.projector(self._frames(features))
+        vis = self.projector(self.visual_input(features))
         B = vis.shape[0]
         head = self.embed(self.head_ids).expand(B, -1, -1)
         tail = self.embed(self.tail_ids).expand(B, -1, -1)
@@ -232,84 +240,9 @@ class VideoCaptioner(nn.Module):
         out = self.decoder(inputs_embeds=self.prefix_embeds(features), cache=cache, use_cache=True)
         return out.last_hidden_state[:, -1], cache
 
-    # ------------------------------------------------------------ log-probs
-
-    def encode_captions(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Caption token ids + EOS, right-padded: ids [N, L] and mask [N, L] (bool)."""
-        ids, mask = caption_ids(self.tokenizer, captions, self.eos_id, self.pad_id)
-        return ids.to(self.device), mask.to(self.device)
-
-    def token_logprobs(self, features: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p of each caption token (EOS included) given video + prompt: ([N, L], mask [N, L]).
-
-        Rows with identical features share one prefix pass. Right padding needs no attention
-        mask: with causal attention a real token never sees the pads after it."""
-        if features.shape[0] != len(captions):
-            raise ValueError(f"{features.shape[0]} videos but {len(captions)} captions")
-        ids, mask = self.encode_captions(captions)
-        uniq, inv = distinct_rows(features)
-        with self.autocast():
-            last, cache = self.prefill(uniq)
-            if uniq.shape[0] != features.shape[0] or not torch.equal(inv, torch.arange(len(inv))):
-                cache.batch_select_indices(inv.to(self.device))
-                last = last[inv.to(self.device)]
-            hidden = last[:, None]  # position P-1 predicts caption token 0
-            if ids.shape[1] > 1:  # caption tokens 0..L-2 predict tokens 1..L-1
-                out = self.decoder(inputs_embeds=self.embed(ids[:, :-1]), cache=cache, use_cache=True)
-                hidden = torch.cat([hidden, out.last_hidden_state.to(hidden.dtype)], 1)
-            return caption_logprobs(self.lm_head, hidden, ids, mask), mask
-
-    def autocast(self):
-        """The context every LM pass runs in (bf16 autocast or none; see caredpo.precision)."""
-        return precision.autocast(self.config.precision, self.device)
-
-    def logprob(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """Summed log p(caption + EOS | video, prompt) -> [B]. Differentiable."""
-        lp, _ = self.token_logprobs(features, captions)
-        return lp.sum(1)
-
-    def nll(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """Mean next-token loss over all caption tokens of the batch (the SFT loss)."""
-        lp, mask = self.token_logprobs(features, captions)
-        return -lp.sum() / mask.sum()
-
-    # ------------------------------------------------------------ sampling
-
-    seeds_per_video = True  # generate() takes one seed per video (see Captioner.generate)
-
-    @torch.inference_mode()
-    def generate(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> list[list[str]]:
-        """n captions per video; temperature 0 = greedy. One prefix pass per video, its KV cache
-        repeated n times; finished rows leave the batch. Same seed -> same captions; one seed per
-        video: a video's captions do not depend on the other videos of the batch."""
-        B = features.shape[0]
-        tokens = self.generate_ids(features, n, temperature, top_p, max_new_tokens, seed)
-        texts = [self._decode(row) for row in tokens.tolist()]
-        return [texts[i * n:(i + 1) * n] for i in range(B)]
-
-    @torch.inference_mode()
-    def generate_ids(self, features: torch.Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                     max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> torch.Tensor:
-        """Token ids [B * n, max_new_tokens] (rows of a video adjacent; EOS-filled after the end)."""
-        if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError("need n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
-        per_video = seed is not None and not isinstance(seed, int)
-        if per_video and len(seed) != features.shape[0]:
-            raise ValueError(f"{len(seed)} seeds for {features.shape[0]} videos")
-        gen = None if seed is None or per_video else torch.Generator(self.device).manual_seed(seed)
-        table = video_uniforms(seed, n, max_new_tokens).to(self.device) if per_video else None
-        with self.autocast():
-            h, cache = self.prefill(features)
-            if n > 1:
-                cache.batch_repeat_interleave(n)
-                h = h.repeat_interleave(n, 0)
-            return sample_loop(self, h, cache, features.shape[0] * n, temperature, top_p, max_new_tokens, gen, table)
-
-    def _decode(self, row: list[int]) -> str:
-        if self.eos_id in row:
-            row = row[: row.index(self.eos_id)]
-        return self.tokenizer.decode(row, skip_special_tokens=True).strip()
+    def extend(self, ids: torch.Tensor, cache, offset: int) -> torch.Tensor:
+        """Text tokens ids [R, L] after the cached ones -> hidden [R, L, d] (positions follow the cache)."""
+        return self.decoder(inputs_embeds=self.embed(ids), cache=cache, use_cache=True).last_hidden_state
 
     # ------------------------------------------------------------ save / load
 
@@ -318,22 +251,16 @@ class VideoCaptioner(nn.Module):
         (`lm/`), since they are random. Written to a temp folder and renamed into place."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-        try:
+        with staged_dir(path) as tmp:
             write_json(tmp / "config.json", {"format": FORMAT, "captioner": asdict(self.config)})
             state = {k: v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()}
             save_file(state, str(tmp / "projector.safetensors"), metadata={"format": "pt"})
             if self.config.lora_layers != 0:
-                self.lm.save_pretrained(tmp / "adapter")
+                save_adapter(self.lm, tmp)
             if save_base if save_base is not None else self.config.lm == "tiny":
                 self.base_lm.save_pretrained(tmp / "lm", state_dict=self._base_state())
                 self.tokenizer.save_pretrained(tmp / "lm")
-            _replace_dir(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return Path(path)
 
     def _base_state(self) -> dict:
         """Base LM weights under plain HF names (LoRA wrappers stripped, adapters dropped)."""
@@ -347,7 +274,6 @@ class VideoCaptioner(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, lm: str | None = None, device: str | torch.device = "cpu"):
         """Load a saved captioner; `lm` overrides where the base LM comes from."""
-        from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         from ..io import read_json
@@ -368,35 +294,15 @@ class VideoCaptioner(nn.Module):
         model = cls(cfg, base, tok)
         model.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
         if cfg.lora_layers != 0:
-            res = set_peft_model_state_dict(model.lm, load_file(str(path / "adapter" / "adapter_model.safetensors")))
-            if getattr(res, "unexpected_keys", None):
-                raise DataError(f"{path / 'adapter'}: adapter does not fit the model ({res.unexpected_keys[:3]} ...)")
+            load_adapter(model.lm, path)
         return model.to(device)
 
 
 def _add_lora(lm, cfg: CaptionerConfig):
     if cfg.lora_layers == 0:
         return lm
-    from peft import LoraConfig, get_peft_model
-
     n_layers = lm.config.num_hidden_layers
     k = n_layers if cfg.lora_layers == -1 else min(cfg.lora_layers, n_layers)
-    lora = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_targets), layers_to_transform=list(range(n_layers - k, n_layers)),
-        task_type="CAUSAL_LM",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return get_peft_model(lm, lora)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished folder into place, replacing an older one (rename is atomic per folder)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.rename(dst, old)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    return add_lora(lm, cfg.seed, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                    target_modules=list(cfg.lora_targets), layers_to_transform=list(range(n_layers - k, n_layers)),
+                    task_type="CAUSAL_LM")

@@ -1,4 +1,4 @@
-"""Token sampling shared by our captioner and the HF backend: inverse-CDF picks from fixed uniforms.
+"""Token sampling of both captioner backends (`prefix.PrefixCaptioner`): inverse-CDF picks from fixed uniforms.
 
 A sample is a function of its uniforms only, so a seed (one per video: `video_uniforms`) fixes a
 video's captions whatever else is in the batch, and greedy decoding is the same code at T = 0.
@@ -30,24 +30,3 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: torch
 def video_uniforms(seeds: Sequence[int], n: int, steps: int) -> torch.Tensor:
     """[len(seeds) * n, steps] sampling uniforms, video i's n rows drawn from its own seed only."""
     return torch.cat([torch.rand(n, steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
-def sample_loop(model, h: torch.Tensor, cache, rows: int, temperature: float, top_p: float,
-                max_new_tokens: int, gen: torch.Generator | None, table: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode from prefix hidden states h [R, d] and their cache -> token ids [R, max_new_tokens].
-    model: anything with eos_id, lm_head, embed and decoder (our VideoCaptioner). Uniforms: row r at step t uses table[r, t] when given, else one draw of `gen` per row and step."""
-    tokens = torch.full((rows, max_new_tokens), model.eos_id, dtype=torch.long, device=h.device)
-    active = torch.arange(rows, device=h.device)
-    for step in range(max_new_tokens):
-        u = table[active, step] if table is not None else torch.rand(rows, generator=gen, device=h.device)[active]
-        nxt = pick_tokens(model.lm_head(h), temperature, top_p, u)
-        tokens[active, step] = nxt
-        keep = nxt != model.eos_id
-        if step == max_new_tokens - 1 or not keep.any():
-            break
-        if not keep.all():  # finished rows leave the batch and its cache
-            active, nxt = active[keep], nxt[keep]
-            cache.batch_select_indices(keep.nonzero()[:, 0])
-        out = model.decoder(inputs_embeds=model.embed(nxt[:, None]), cache=cache, use_cache=True)
-        h = out.last_hidden_state[:, -1]
-    return tokens

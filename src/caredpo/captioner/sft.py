@@ -8,16 +8,13 @@ a pure function of (seed, step): a resumed run sees exactly the batches it would
 A fresh run first aligns the projector alone (`align.py`, `align_steps`; no LM pass), so that SFT
 starts from visual tokens the LM can already read.
 
-Run folder:  model/ (the captioner, `VideoCaptioner.from_pretrained`), checkpoint/ (latest
-resumable state), align.json (the alignment phase), sft_log.jsonl (train and val losses), sft.json
-(settings and final numbers).
+Run folder (`caredpo.training`): model/ (the captioner, `VideoCaptioner.from_pretrained`),
+checkpoint/ (latest resumable state), align.json (the alignment phase), log.jsonl (train and val
+losses), train_config.json, metrics.json (settings and final numbers).
 """
 from __future__ import annotations
 
-import json
-import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +22,15 @@ from typing import Callable
 
 import torch
 
-from ..io import append_jsonl, read_json, write_json
-from ..records import SENTENCE_POOLS, DataError, Dataset, NonFiniteLossError, check_pool
+from ..io import read_json, write_json
+from ..records import SENTENCE_POOLS, DataError, Dataset, check_pool
+from ..training import (CONFIG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin, check_finite, clip_gradients, due,
+                        lr_schedule, plain, restore_weights)
 from .align import align_projector
-from .model import VideoCaptioner, _replace_dir
+from .model import VideoCaptioner
+
+ALIGN_FILE = "align.json"
+HINT = "Lower --lr-projector / --lr-lora."
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class SFTConfig:
     lr_projector: float = 1e-3  # AdamW learning rate of the projector
     lr_lora: float = 5e-4  # AdamW learning rate of the LoRA adapters
     weight_decay: float = 0.0
-    warmup_steps: int = 10  # linear warmup, then cosine decay to 10% of the peak
+    warmup_steps: int = 10  # linear warmup, then cosine decay to 10% of the peak (training.SCHEDULES)
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     train_projector: bool = True
     train_lora: bool = True
@@ -106,31 +108,24 @@ def batch_at(step: int, train_ids: list[str], sentences: dict[str, list[str]], c
 # ------------------------------------------------------------------ optimisation
 
 def make_optimizer(model: VideoCaptioner, cfg: SFTConfig):
+    """AdamW on the projector and LoRA groups, linear warm-up then cosine to 10%."""
     model.set_trainable(projector=cfg.train_projector, lora=cfg.train_lora)
     groups = [{"params": [p for p in model.projector.parameters() if p.requires_grad], "lr": cfg.lr_projector},
               {"params": [p for n, p in model.lm.named_parameters() if p.requires_grad], "lr": cfg.lr_lora}]
-    groups = [g for g in groups if g["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-    def factor(step: int) -> float:  # linear warmup, cosine to 10%
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
+    return opt, lr_schedule(opt, "cosine", cfg.warmup_steps, cfg.steps)
 
 
-def train_step(model: VideoCaptioner, feats: torch.Tensor, caps: list[str], opt, sched, cfg: SFTConfig) -> float:
+def train_step(model: VideoCaptioner, feats: torch.Tensor, caps: list[str], opt, sched, cfg: SFTConfig,
+               step: int, checkpoint: Checkpoint) -> float:
+    """One update; a NaN/inf loss or gradient norm stops the run before it (`check_finite`)."""
     model.train()
     loss = model.nll(feats, caps)
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"captioner SFT: non-finite loss ({float(loss.detach())}); stopped before the "
-                                 "update, the last checkpoint is kept. Lower --lr-projector / --lr-lora.")
+    check_finite(loss.detach(), "loss", step + 1, checkpoint, "captioner SFT", HINT)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), cfg.grad_clip)
+    norm = clip_gradients(model.trainable_parameters(), cfg.grad_clip)
+    check_finite(norm, "gradient norm", step + 1, checkpoint, "captioner SFT", HINT)
     opt.step()
     sched.step()
     return float(loss.detach())
@@ -151,82 +146,70 @@ def val_loss(model: VideoCaptioner, store, val_ids: list[str], sentences: dict[s
     return total / max(count, 1)
 
 
-# ------------------------------------------------------------------ checkpoints
-
-def save_checkpoint(path: Path, model: VideoCaptioner, opt, sched, step: int, meta: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    write_json(tmp / "meta.json", meta)
-    _replace_dir(tmp, path)
-
-
-def load_checkpoint(path: Path, model: VideoCaptioner, opt, sched, meta: dict) -> int:
-    """Restore weights + optimizer; refuses a checkpoint made with other settings."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    old = read_json(path / "meta.json")
-    if old != meta:
-        raise DataError(f"{path}: checkpoint was made with other settings; start without --resume "
-                        "or use another --out")
-    model.projector.load_state_dict(load_file(str(path / "model" / "projector.safetensors")))
-    if (path / "model" / "adapter").exists():
-        set_peft_model_state_dict(model.lm, load_file(str(path / "model" / "adapter" / "adapter_model.safetensors")))
-    state = torch.load(path / "trainer.pt", weights_only=False)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+def run_weights(model: VideoCaptioner) -> dict[str, torch.Tensor]:
+    """What alignment and SFT change, for the checkpoint: projector and LoRA tensors (in place)."""
+    return {n: t for n, t in model.state_dict().items() if n.startswith("projector.") or "lora_" in n}
 
 
 # ------------------------------------------------------------------ the loop
 
 def train_sft(model: VideoCaptioner, dataset: Dataset, store, out_dir: str | Path, cfg: SFTConfig = SFTConfig(),
               resume: bool = False, show_progress: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Fine-tune `model` in place; writes out_dir/{model,checkpoint,sft_log.jsonl,sft.json}."""
-    from ..progress import progress_bar
-    from rich.progress import TextColumn
-
+    """Fine-tune `model` in place; writes out_dir/{model,checkpoint,log.jsonl,train_config.json,metrics.json}."""
     out = Path(out_dir)
     train_ids, val_ids = split_train_val(dataset, set(store.ids), cfg)
     sentences = {v: SENTENCE_POOLS[cfg.sentences](dataset, v) for v in train_ids + val_ids}
     val_ids = val_ids[: cfg.val_videos]
-    meta = {"sft": asdict(cfg), "captioner": asdict(model.config), "data": str(dataset.root),
-            "train_videos": len(train_ids), "val_videos": len(val_ids)}
-    meta = json.loads(json.dumps(meta))  # tuples -> lists, as read back from meta.json
-    start, resuming = 0, resume and (out / "checkpoint" / "meta.json").exists()
-    if not resuming:  # a fresh start: no stale checkpoint or log lines from an earlier run
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
-        (out / "sft_log.jsonl").unlink(missing_ok=True)
-        (out / "align.json").unlink(missing_ok=True)
-        if cfg.align_steps:  # the checkpoint of a resumed run already holds the aligned projector
-            write_json(out / "align.json", align_projector(
-                model, store, sentences, train_ids, cfg.align_steps, cfg.align_lr, cfg.align_batch_videos,
-                cfg.seed, show_progress))
+    meta = plain({"sft": asdict(cfg), "captioner": asdict(model.config), "data": str(dataset.root),
+                  "train_videos": len(train_ids), "val_videos": len(val_ids)})
+    start = begin(out, resume)
+    if start is None:  # a fresh start; the checkpoint of a resumed run already holds the aligned projector
+        _align(model, store, sentences, train_ids, out, cfg, show_progress)
+    write_json(out / CONFIG_FILE, asdict(cfg))
     opt, sched = make_optimizer(model, cfg)
-    if resuming:
-        start = load_checkpoint(out / "checkpoint", model, opt, sched, meta)
-        log(f"resumed from {out / 'checkpoint'} at step {start}")
-    t0, last_val = time.perf_counter(), None
+    ckpt = Checkpoint(out)
+    if start is not None:
+        start, weights = ckpt.load(meta, opt, sched)
+        restore_weights(run_weights(model), weights, ckpt.path)
+        log(f"resumed from {ckpt.path} at step {start}")
+    t0 = time.perf_counter()
+    plan = (train_ids, val_ids, sentences)
+    last_val = _loop(model, store, plan, opt, sched, cfg, start or 0, ckpt, meta, show_progress)
+    model.save_pretrained(out / "model")
+    result = {**meta, "align": read_json(out / ALIGN_FILE) if (out / ALIGN_FILE).exists() else None,
+              "steps_done": cfg.steps, "final_val_loss": last_val,
+              "seconds_this_run": round(time.perf_counter() - t0, 1)}
+    write_json(out / SUMMARY_FILE, result)
+    return result
+
+
+def _align(model: VideoCaptioner, store, sentences, train_ids, out: Path, cfg: SFTConfig, show_progress: bool) -> None:
+    (out / ALIGN_FILE).unlink(missing_ok=True)
+    if cfg.align_steps:
+        write_json(out / ALIGN_FILE, align_projector(model, store, sentences, train_ids, cfg.align_steps, cfg.align_lr,
+                                                     cfg.align_batch_videos, cfg.seed, show_progress))
+
+
+def _loop(model, store, plan, opt, sched, cfg: SFTConfig, start: int, ckpt: Checkpoint, meta: dict,
+          show_progress: bool) -> float | None:
+    """Steps start..cfg.steps: log rows, val passes, checkpoints. Returns the last val loss."""
+    from rich.progress import TextColumn
+
+    from ..progress import progress_bar
+
+    train_ids, val_ids, sentences = plan
+    metrics, last_val = MetricsLog(ckpt.path.parent), None
     with progress_bar(TextColumn("loss {task.fields[loss]}"), transient=not show_progress) as bar:
         task = bar.add_task("captioner sft", total=cfg.steps, completed=start, unit="steps", loss="--")
         for step in range(start, cfg.steps):
             vids, caps = batch_at(step, train_ids, sentences, cfg)
-            loss = train_step(model, store.grid_feats(vids), caps, opt, sched, cfg)
+            loss = train_step(model, store.grid_feats(vids), caps, opt, sched, cfg, step, ckpt)
             row = {"step": step + 1, "loss": round(loss, 5), "lr": sched.get_last_lr()[0]}
             done = step + 1 == cfg.steps
-            if val_ids and ((cfg.val_every and (step + 1) % cfg.val_every == 0) or done):
+            if val_ids and (due(cfg.val_every, step + 1) or done):
                 last_val = row["val_loss"] = round(val_loss(model, store, val_ids, sentences), 5)
-            append_jsonl(out / "sft_log.jsonl", [row])
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
-                save_checkpoint(out / "checkpoint", model, opt, sched, step + 1, meta)
+            metrics.append(row)
+            if due(cfg.save_every, step + 1) or done:
+                ckpt.save(step + 1, meta, run_weights(model), opt, sched)
             bar.update(task, advance=1, loss=f"{loss:.3f}" + (f" val {last_val:.3f}" if last_val else ""))
-    model.save_pretrained(out / "model")
-    result = {**meta, "align": read_json(out / "align.json") if (out / "align.json").exists() else None,
-              "steps_done": cfg.steps, "final_val_loss": last_val,
-              "seconds_this_run": round(time.perf_counter() - t0, 1)}
-    write_json(out / "sft.json", result)
-    return result
+    return last_val

@@ -15,7 +15,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 def sft(
     data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
     features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
-    out: Path = typer.Option(..., "--out", help="Run folder: model/, checkpoint/, sft_log.jsonl, sft.json."),
+    out: Path = typer.Option(..., "--out", help="Run folder: model/, checkpoint/, log.jsonl, metrics.json."),
     preset: str = typer.Option("default", "--preset", help="default (SmolLM2) or smoke (tiny random LM)."),
     lm: Optional[str] = typer.Option(None, "--lm", help="smollm2, tiny, or a local Hugging Face model folder."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),

@@ -29,7 +29,7 @@ def dpo(
                                             "not with --captioner hf"),
     model_path: Optional[Path] = typer.Option(None, "--model-path", help="--captioner hf: local HF model folder"),
     data: Optional[Path] = typer.Option(None, "--data", help="--captioner hf: data folder (videos are decoded)"),
-    out: Path = typer.Option(..., "--out", help="output folder (checkpoint, metrics.jsonl, model/)"),
+    out: Path = typer.Option(..., "--out", help="output folder (checkpoint/, log.jsonl, model/)"),
     mode: str = typer.Option("dg-dpo", "--mode", help="dg-dpo | dpo (best-vs-worst pair, no video group)"),
     beta: float = typer.Option(0.1, "--beta", help="sigmoid inverse temperature"),
     lambda_video: Optional[float] = typer.Option(None, "--lambda-video", help="video-group weight (dg-dpo: 1)"),
@@ -40,18 +40,20 @@ def dpo(
     epochs: int = typer.Option(1, "--epochs"),
     max_steps: int = typer.Option(0, "--max-steps", help="0: no limit"),
     groups_per_batch: int = typer.Option(1, "--groups-per-batch", help="twin groups per step"),
-    checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
+    save_every: int = typer.Option(50, "--save-every", help="steps between checkpoints (0: only at the end)"),
     seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint/"),
 ) -> None:
     from .. import dist
-    from ..dpo.train import DPOConfig, NonFiniteLossError, train_dpo
+    from ..dpo.config import DPOConfig
+    from ..dpo.train import train_dpo
+    from ..records import NonFiniteLossError
     from .common import load_captioner
 
     overrides = {k: v for k, v in {"lambda_video": lambda_video, "pairs": pairs}.items() if v is not None}
     cfg = DPOConfig.for_mode(mode, beta=beta, lambda_nll=lambda_nll, margin=margin, lr=lr, epochs=epochs,
                              max_steps=max_steps, groups_per_batch=groups_per_batch,
-                             checkpoint_every=checkpoint_every, seed=seed, **overrides)
+                             save_every=save_every, seed=seed, **overrides)
     policy = load_captioner(captioner, model_path)
     if hasattr(policy, "set_trainable"):
         policy.set_trainable()  # projector + LoRA train, the base LM stays frozen

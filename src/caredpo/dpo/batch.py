@@ -1,4 +1,5 @@
-"""One DG-DPO batch: preference rows -> the policy's log-probs of only the pairs used -> loss.
+"""One DG-DPO batch: preference rows -> a typed `PrefBatch` -> the policy's log-probs of only the
+pairs the loss uses -> the loss terms (`loss.dg_dpo_terms`) and their stats (`stats.DPOStats`).
 
 `batch_loss` is the whole batch in one process. Under `torchrun` (`caredpo.dist`) `shared_loss`
 gives each process the contiguous share of the batch's twin groups, weights its loss terms by its
@@ -7,19 +8,24 @@ the logged numbers equal one process's on the whole batch.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import dist
 from ..records import DataError
-from .loss import dg_dpo_loss, pair_mask
-
-if TYPE_CHECKING:
-    from .train import DPOConfig
+from .config import DPOConfig
+from .loss import TERMS, dg_dpo_terms, pair_mask, weighted_sum
+from .stats import DPOStats, from_sums, weighted_sums
 
 FeatureFn = Callable[[Sequence[str]], Tensor]
+
+
+def group_key(row: dict) -> str:
+    """A preference row's twin group (a video without one is its own group)."""
+    return row.get("group") or f"\0{row['video_id']}"
 
 
 # ---------------------------------------------------------------- one batch
@@ -35,34 +41,69 @@ def _pad(rows: Sequence[dict], key: str, width: int, fill: float = 0.0) -> tuple
     return vals, mask
 
 
-def batch_loss(policy: nn.Module, rows: Sequence[dict], features: FeatureFn,
-               config: DPOConfig, term_weights: tuple[float, float, float] | None = None) -> tuple[Tensor, dict]:
+@dataclass(frozen=True)
+class PrefBatch:
+    """G preference rows (see `dpo.train` for the format) as tensors; K captions and M twins a row,
+    ragged ones padded and masked."""
+
+    rows: tuple[dict, ...]
+    rewards: Tensor  # [G, K] float64 retrieval rewards
+    caption_mask: Tensor  # [G, K] bool
+    ref_logps: Tensor  # [G, K] float64 log pi_ref(c_k | v)
+    best: Tensor  # [G] long: index of c*
+    ref_cross: Tensor | None  # [G, M] float64 log pi_ref(c* | twin_j); None: no video group
+    cross_mask: Tensor | None  # [G, M] bool
+    lengths: Tensor | None  # [G, K] float64 caption token counts; None: no NLL term
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict], config: DPOConfig) -> "PrefBatch":
+        if config.lambda_nll and any("lengths" not in r for r in rows):
+            raise DataError("lambda_nll > 0 needs 'lengths' (caption token counts) in every preference row")
+        k = max(len(r["captions"]) for r in rows)
+        rewards, cmask = _pad(rows, "rewards", k)
+        cross = (None, None)
+        if config.lambda_video > 0:  # else no twin log-probs are computed at all
+            cross = _pad(rows, "ref_cross_logps", max(len(r.get("negatives", [])) for r in rows))
+        lengths = _pad(rows, "lengths", k, 1.0)[0] if config.lambda_nll else None
+        return cls(tuple(rows), rewards, cmask, _pad(rows, "ref_logps", k)[0],
+                   torch.tensor([r["best"] for r in rows]), *cross, lengths)
+
+    def own_items(self, needed: Tensor) -> list[tuple]:
+        """(g, j, video id, caption j) for the needed [G, K] captions under their own video."""
+        return [(g, j, r["video_id"], r["captions"][j]) for g, r in enumerate(self.rows)
+                for j in range(len(r["captions"])) if needed[g, j]]
+
+    def cross_items(self) -> list[tuple]:
+        """(g, j, twin j, c*) for every twin of every row (empty without a video group)."""
+        if self.ref_cross is None:
+            return []
+        return [(g, j, u, r["captions"][r["best"]]) for g, r in enumerate(self.rows)
+                for j, u in enumerate(r.get("negatives", []))]
+
+
+def batch_terms(policy: nn.Module, rows: Sequence[dict], features: FeatureFn,
+                config: DPOConfig) -> tuple[dict[str, Tensor], DPOStats]:
     """Policy log-probs of only the (video, caption) pairs the loss uses, in one `logprob` call,
-    then `dg_dpo_loss` (term_weights: see there). Padded entries of ragged K / M are masked out."""
-    if config.lambda_nll and any("lengths" not in r for r in rows):
-        raise DataError("lambda_nll > 0 needs 'lengths' (caption token counts) in every preference row")
-    k = max(len(r["captions"]) for r in rows)
-    use_cross = config.lambda_video > 0
-    m = max(len(r.get("negatives", [])) for r in rows) if use_cross else 0
-    rewards, cmask = _pad(rows, "rewards", k)
-    ref, _ = _pad(rows, "ref_logps", k)
-    best = torch.tensor([r["best"] for r in rows])
-    needed = _needed_captions(rewards, cmask, best, config)
-    own = [(g, j, r["video_id"], r["captions"][j]) for g, r in enumerate(rows)
-           for j in range(len(r["captions"])) if needed[g, j]]
-    cross = [(g, j, u, r["captions"][r["best"]]) for g, r in enumerate(rows) if use_cross
-             for j, u in enumerate(r.get("negatives", []))]
+    then the unweighted loss terms and their stats (`dg_dpo_terms`)."""
+    batch = PrefBatch.from_rows(rows, config)
+    own, cross = batch.own_items(_needed_captions(batch, config)), batch.cross_items()
     logps = _policy_logps(policy, features, own + cross)
     dtype = logps.dtype
-    pol = _scatter(logps[:len(own)], own, (len(rows), k))
-    ref_cross, xmask = _pad(rows, "ref_cross_logps", m) if use_cross else (None, None)
-    lengths = _pad(rows, "lengths", k, 1.0)[0] if config.lambda_nll else None
-    return dg_dpo_loss(
-        pol, ref.to(dtype), rewards.to(dtype),
-        _scatter(logps[len(own):], cross, (len(rows), m)) if use_cross else None,
-        ref_cross.to(dtype) if use_cross else None, config.beta, config.lambda_video, config.margin,
-        pairs=config.pairs, caption_mask=cmask, cross_mask=xmask, best=best,
-        lambda_nll=config.lambda_nll, lengths=lengths, term_weights=term_weights)
+    pol = _scatter(logps[:len(own)], own, tuple(batch.rewards.shape))
+    video = batch.ref_cross is not None
+    return dg_dpo_terms(
+        pol, batch.ref_logps.to(dtype), batch.rewards.to(dtype),
+        _scatter(logps[len(own):], cross, tuple(batch.ref_cross.shape)) if video else None,
+        batch.ref_cross.to(dtype) if video else None, config.beta, config.margin, pairs=config.pairs,
+        caption_mask=batch.caption_mask, cross_mask=batch.cross_mask, best=batch.best, lengths=batch.lengths)
+
+
+def batch_loss(policy: nn.Module, rows: Sequence[dict], features: FeatureFn,
+               config: DPOConfig) -> tuple[Tensor, DPOStats]:
+    """(L of the batch, its stats) in one process."""
+    terms, stats = batch_terms(policy, rows, features, config)
+    loss = weighted_sum(terms, config.lambdas)
+    return loss, stats.with_loss(float(loss.detach()))
 
 
 def _scatter(values: Tensor, items: list[tuple], shape: tuple[int, int]) -> Tensor:
@@ -74,12 +115,12 @@ def _scatter(values: Tensor, items: list[tuple], shape: tuple[int, int]) -> Tens
     return torch.zeros(shape, dtype=values.dtype).index_put((g, j), values)
 
 
-def _needed_captions(rewards: Tensor, cmask: Tensor, best: Tensor, config: DPOConfig) -> Tensor:
+def _needed_captions(batch: PrefBatch, config: DPOConfig) -> Tensor:
     """[G, K] bool: captions in a valid pair, plus c* where the video group or NLL uses it."""
-    pm = pair_mask(rewards, config.margin, config.pairs, cmask)
+    pm = pair_mask(batch.rewards, config.margin, config.pairs, batch.caption_mask)
     needed = pm.any(dim=2) | pm.any(dim=1)
     if config.lambda_video > 0 or config.lambda_nll > 0:
-        needed[torch.arange(len(best)), best] = True
+        needed[torch.arange(len(batch.best)), batch.best] = True
     return needed
 
 
@@ -96,59 +137,25 @@ def _policy_logps(policy: nn.Module, features: FeatureFn, items: list[tuple]) ->
 
 # ---------------------------------------------------------------- data parallelism
 
-# stat -> index of the count it is a mean over (see _term_counts); means combine across processes
-_MEAN_OVER = {"loss_caption": 0, "loss_video": 1, "loss_nll": 2, "reward_acc": 3, "margin": 3,
-              "video_acc": 4, "video_margin": 4}
-_EMPTY_MEAN = {"loss_caption": 0.0, "loss_video": 0.0, "loss_nll": 0.0}  # else NaN, as in one process
-
-
 def _local_rows(batch: Sequence[dict]) -> list[dict]:
     """This process's contiguous share of the batch's twin groups (whole groups, batch order)."""
     groups: dict[str, list[dict]] = {}
     for row in batch:
-        groups.setdefault(row.get("group") or f"\0{row['video_id']}", []).append(row)
+        groups.setdefault(group_key(row), []).append(row)
     mine = list(groups.values())[dist.shard_slice(len(groups))]
     return [row for group in mine for row in group]
 
 
-def _term_counts(rows: Sequence[dict], config: DPOConfig) -> Tensor:
-    """[5] float64 what `dg_dpo_loss` averages over: videos in the caption group, in the video
-    group, in the NLL term; caption pairs; (video, twin) entries."""
-    if not rows:
-        return torch.zeros(5, dtype=torch.float64)
-    rewards, cmask = _pad(rows, "rewards", max(len(r["captions"]) for r in rows))
-    pm = pair_mask(rewards, config.margin, config.pairs, cmask)  # [G, K, K]
-    twins = [len(r.get("negatives", [])) for r in rows] if config.lambda_video > 0 else [0]
-    return torch.tensor([float(pm.any(dim=(1, 2)).sum()), float(sum(t > 0 for t in twins)),
-                         float(len(rows)) if config.lambda_nll else 0.0, float(pm.sum()), float(sum(twins))],
-                        dtype=torch.float64)
-
-
 def shared_loss(policy: nn.Module, batch: Sequence[dict], features: FeatureFn,
-                 config: DPOConfig) -> tuple[Tensor, dict]:
-    """(this process's share of the batch loss, the whole batch's stats); every process calls it."""
+                config: DPOConfig) -> tuple[Tensor, DPOStats]:
+    """(this process's share of the batch loss, the whole batch's stats); every process calls it.
+    Each term is weighted by this process's share of the videos it averages over."""
     rows = _local_rows(batch)
-    counts = _term_counts(rows, config)
-    total = dist.all_reduce_sum(counts.clone())
-    weights = tuple((counts[:3] / total[:3].clamp(min=1)).tolist())  # local share of each term's videos
-    loss, stats = batch_loss(policy, rows, features, config, weights) if rows else (torch.zeros(()), {})
-    return loss, _combine_stats(stats, counts, total, config)
-
-
-def _combine_stats(stats: dict, counts: Tensor, total: Tensor, config: DPOConfig) -> dict:
-    """The stats one process would log for the whole batch: count-weighted means, summed counts."""
-    keys = ["loss_caption", "n_pairs", "videos_without_pairs", "reward_acc", "margin", "loss_video",
-            "video_acc", "video_margin"] + (["loss_nll"] if config.lambda_nll else []) + ["loss"]
-    vals = []
-    for key in keys:
-        weight = counts[_MEAN_OVER[key]] if key in _MEAN_OVER else 1.0
-        vals.append(stats.get(key, 0.0) * weight if weight > 0 else 0.0)  # NaN means of no items drop out
-    summed = dist.all_reduce_sum(torch.tensor(vals, dtype=torch.float64)).tolist()
-    out = {}
-    for key, val in zip(keys, summed):
-        if key in _MEAN_OVER:
-            n = float(total[_MEAN_OVER[key]])
-            out[key] = val / n if n > 0 else _EMPTY_MEAN.get(key, float("nan"))
-        else:
-            out[key] = int(round(val)) if key != "loss" else val
-    return out
+    terms, stats = batch_terms(policy, rows, features, config) if rows else ({}, DPOStats())
+    mine = torch.tensor(stats.term_videos(TERMS), dtype=torch.float64)
+    total = dist.all_reduce_sum(mine.clone())
+    shares = dict(zip(TERMS, (mine / total.clamp(min=1)).tolist()))
+    loss = weighted_sum(terms, config.lambdas, shares) if rows else torch.zeros(())
+    summed = dist.all_reduce_sum(torch.tensor(weighted_sums(stats.with_loss(float(loss.detach()))),
+                                              dtype=torch.float64))
+    return loss, from_sums(summed.tolist())

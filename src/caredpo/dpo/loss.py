@@ -15,14 +15,23 @@ docs/design.md, "DG-DPO: our reconstruction"). With `h(v, c) = log pi_theta(c|v)
 
 With K = 2, lambda_video = 0 and margin = 0, `dg_dpo_loss` equals `dpo_loss` (the sigmoid loss
 of Rafailov et al., as in trl's `loss_type="sigmoid"`).
+
+`dg_dpo_terms` gives the unweighted terms (each a mean over videos) and their statistics
+(`stats.DPOStats`); `weighted_sum` adds them up with their lambdas (and, under data parallelism,
+this process's share of each term's videos).
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .stats import DPOStats
+
 PAIR_MODES = ("all", "best_worst")
+TERMS = ("caption", "video", "nll")  # the loss terms, in the order L adds them
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
@@ -65,6 +74,7 @@ def caption_group_loss(h: Tensor, mask: Tensor, beta: float) -> tuple[Tensor, di
     d = diff.detach()[mask]
     stats = {
         "loss_caption": float(loss.detach()),
+        "caption_videos": int(has.sum()),
         "n_pairs": int(n.sum()),
         "videos_without_pairs": int((~has).sum()),
         "reward_acc": float((d > 0).float().mean()) if d.numel() else float("nan"),
@@ -86,6 +96,8 @@ def video_group_loss(h_best: Tensor, h_cross: Tensor, beta: float,
     d = diff.detach()[valid]
     stats = {
         "loss_video": float(loss.detach()),
+        "video_videos": int(has.sum()),
+        "twins": int(valid.sum()),
         "video_acc": float((d > 0).float().mean()) if d.numel() else float("nan"),
         "video_margin": float(beta * d.mean()) if d.numel() else float("nan"),
     }
@@ -97,45 +109,62 @@ def nll_loss(policy_best: Tensor, lengths: Tensor) -> Tensor:
     return (-policy_best / lengths.clamp(min=1).to(policy_best.dtype)).mean()
 
 
+def dg_dpo_terms(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor,
+                 policy_cross_logps: Tensor | None, ref_cross_logps: Tensor | None, beta: float,
+                 margin: float = 0.0, *, pairs: str = "all", caption_mask: Tensor | None = None,
+                 cross_mask: Tensor | None = None, best: Tensor | None = None,
+                 lengths: Tensor | None = None) -> tuple[dict[str, Tensor], DPOStats]:
+    """The unweighted terms {"caption", "video" (with cross log-probs), "nll" (with lengths)} and
+    their stats (`loss` left 0: see `weighted_sum`). Shapes as in `dg_dpo_loss`."""
+    h = policy_logps - ref_logps
+    valid = torch.ones_like(rewards, dtype=torch.bool) if caption_mask is None else caption_mask.bool()
+    best = _masked_argmax(rewards, valid) if best is None else best
+    rows = torch.arange(len(h))
+    terms: dict[str, Tensor] = {}
+    terms["caption"], stats = caption_group_loss(h, pair_mask(rewards, margin, pairs, valid), beta)
+    if policy_cross_logps is not None and policy_cross_logps.numel() > 0:
+        h_cross = policy_cross_logps - ref_cross_logps
+        terms["video"], vstats = video_group_loss(h[rows, best], h_cross, beta, cross_mask)
+        stats.update(vstats)
+    if lengths is not None:
+        terms["nll"] = nll_loss(policy_logps[rows, best], lengths[rows, best])
+        stats.update(loss_nll=float(terms["nll"].detach()), nll_videos=len(h))
+    return terms, DPOStats(**stats)
+
+
+def weighted_sum(terms: Mapping[str, Tensor], lambdas: Mapping[str, float],
+                 shares: Mapping[str, float] | None = None) -> Tensor:
+    """L = sum of lambda_t * term_t over the terms present with lambda_t != 0, in TERMS order.
+    shares: each term's factor under data parallelism (this process's videos in the term / all
+    processes' videos in it), so the processes' losses add up to the whole batch's loss."""
+    total = None
+    for name in TERMS:
+        if name not in terms or not lambdas[name]:
+            continue
+        part = lambdas[name] * (terms[name] if shares is None else terms[name] * shares[name])
+        total = part if total is None else total + part
+    return total
+
+
 def dg_dpo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor,
                 policy_cross_logps: Tensor | None, ref_cross_logps: Tensor | None,
                 beta: float, lambda_video: float, margin: float = 0.0, *,
                 pairs: str = "all", caption_mask: Tensor | None = None,
                 cross_mask: Tensor | None = None, best: Tensor | None = None,
-                lambda_nll: float = 0.0, lengths: Tensor | None = None,
-                term_weights: tuple[float, float, float] | None = None) -> tuple[Tensor, dict]:
+                lambda_nll: float = 0.0, lengths: Tensor | None = None) -> tuple[Tensor, DPOStats]:
     """DG-DPO (our reconstruction). Shapes: policy_logps, ref_logps, rewards [G, K]; cross [G, M]
     = log-probs of each video's best caption under its M twins (None: no video group).
 
     Keyword options: `pairs` ("all" | "best_worst"), `caption_mask` [G, K] (padding of ragged K),
     `cross_mask` [G, M] (padding of ragged M), `best` [G] (default: argmax reward, first on ties),
-    `lambda_nll` with `lengths` [G, K] caption token counts (NLL of the best caption per token),
-    `term_weights` (caption, video, nll) factors on the three terms: data-parallel training passes
-    this process's videos in a term / all processes' videos in it, so the processes' losses sum to
-    the loss of the whole batch (each term is a mean over videos). Stats keep the unweighted means.
-    Returns (loss, stats); stats hold floats only (detached), ready for a metrics log.
+    `lambda_nll` with `lengths` [G, K] caption token counts (NLL of the best caption per token).
+    Video-group stats are computed whenever cross log-probs are given, even at lambda_video = 0
+    (plain DPO shows how twins drift). Returns (loss, stats); stats hold detached numbers only.
     """
-    w_caption, w_video, w_nll = term_weights or (None, None, None)
-    h = policy_logps - ref_logps
-    valid = torch.ones_like(rewards, dtype=torch.bool) if caption_mask is None else caption_mask.bool()
-    best = _masked_argmax(rewards, valid) if best is None else best
-    rows = torch.arange(len(h))
-    loss, stats = caption_group_loss(h, pair_mask(rewards, margin, pairs, valid), beta)
-    loss = loss if w_caption is None else loss * w_caption
-    if policy_cross_logps is not None and policy_cross_logps.numel() > 0:
-        # stats are logged even at lambda_video = 0 (plain DPO shows how twins drift)
-        h_cross = policy_cross_logps - ref_cross_logps
-        l_video, vstats = video_group_loss(h[rows, best], h_cross, beta, cross_mask)
-        if lambda_video:
-            loss = loss + lambda_video * (l_video if w_video is None else l_video * w_video)
-        stats.update(vstats)
-    else:
-        stats.update(loss_video=0.0, video_acc=float("nan"), video_margin=float("nan"))
-    if lambda_nll:
-        if lengths is None:
-            raise ValueError("lambda_nll > 0 needs `lengths` (caption token counts [G, K])")
-        l_nll = nll_loss(policy_logps[rows, best], lengths[rows, best])
-        loss = loss + lambda_nll * (l_nll if w_nll is None else l_nll * w_nll)
-        stats["loss_nll"] = float(l_nll.detach())
-    stats["loss"] = float(loss.detach())
-    return loss, stats
+    if lambda_nll and lengths is None:
+        raise ValueError("lambda_nll > 0 needs `lengths` (caption token counts [G, K])")
+    terms, stats = dg_dpo_terms(policy_logps, ref_logps, rewards, policy_cross_logps, ref_cross_logps, beta, margin,
+                                pairs=pairs, caption_mask=caption_mask, cross_mask=cross_mask, best=best,
+                                lengths=lengths if lambda_nll else None)
+    loss = weighted_sum(terms, {"caption": 1.0, "video": lambda_video, "nll": lambda_nll})
+    return loss, stats.with_loss(float(loss.detach()))

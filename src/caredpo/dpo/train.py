@@ -15,85 +15,36 @@ memory. A batch holds whole twin groups, so both directions of the video group a
 `features(ids) -> Tensor[B, ...]` gives the policy's visual input (e.g. `FeatureStore.grid_feats`).
 
 Under `torchrun` (see `caredpo.dist`) each step's twin groups are split over the processes; each
-process weights its loss terms by its share of the videos in them (`term_weights`), gradients are
-summed over processes, so the update equals one process's on the whole batch. Only rank 0 writes.
+process weights its loss terms by its share of the videos in them (`batch.shared_loss`), gradients
+are summed over processes, so the update equals one process's on the whole batch. Only rank 0 writes.
+
+The run folder is a trainer's (`caredpo.training`): log.jsonl (one `stats.DPOStats` row a step, plus
+step, grad_norm, lr, videos, time_s, epoch), checkpoint/, train_config.json, metrics.json.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import dist
-from ..io import append_jsonl, atomic_write_text, numbered_jsonl, read_jsonl, write_json
-from ..records import DataError, NonFiniteLossError
-from .batch import FeatureFn, batch_loss, shared_loss
-from .loss import PAIR_MODES
+from ..io import numbered_jsonl, read_jsonl, write_json
+from ..records import DataError
+from ..records import NonFiniteLossError  # noqa: F401  (still importable from here, as before dpo/config.py)
+from ..training import (CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin,
+                        check_finite, clip_gradients, due, lr_schedule, restore_weights)
+from .batch import FeatureFn, batch_loss, group_key, shared_loss
+from .config import DPOConfig
+from .stats import DPOStats
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-
-# mode -> the fields it fixes. "dpo" is the plain-DPO baseline arm: best-vs-worst pair, no video group.
-MODES = {"dg-dpo": {}, "dpo": {"lambda_video": 0.0, "pairs": "best_worst"}}
-# fields that change the maths: a resumed run must keep them
-_RESUME_FIXED = ("mode", "beta", "lambda_video", "lambda_nll", "margin", "pairs", "lr", "weight_decay",
-                 "warmup_steps", "groups_per_batch", "max_grad_norm", "seed", "dropout")
-
-
-@dataclass(frozen=True)
-class DPOConfig:
-    """DG-DPO training settings (our reconstruction of the loss; see caredpo.dpo.loss)."""
-
-    mode: str = "dg-dpo"  # "dg-dpo" | "dpo" (plain DPO: lambda_video 0, best-vs-worst); see for_mode()
-    beta: float = 0.1  # inverse temperature of the sigmoid on log-ratio differences (> 0)
-    lambda_video: float = 1.0  # weight of the video group (best caption: own video vs twins); >= 0
-    lambda_nll: float = 0.0  # weight of the per-token NLL of the best caption (anchors fluency); >= 0
-    margin: float = 0.0  # a pair (w, l) enters the caption group only if r_w - r_l > margin; >= 0
-    pairs: str = "all"  # "all" pairs within a video's K captions, or "best_worst" only
-    lr: float = 5e-5  # AdamW learning rate of the trainable parameters
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up of the learning rate from 0, then constant
-    epochs: int = 1  # passes over the preference groups
-    max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
-    groups_per_batch: int = 1  # twin groups per optimizer step (all videos of a group together)
-    max_grad_norm: float = 1.0  # gradient clipping by global norm (0: off)
-    seed: int = 0  # data order and dropout RNG
-    checkpoint_every: int = 50  # steps between checkpoints (a checkpoint is also written at the end)
-    dropout: bool = False  # False: policy in eval mode (no dropout), so h(v, c) = 0 at step 0
-
-    def __post_init__(self) -> None:
-        checks = {
-            "mode": (self.mode in MODES, f"one of {sorted(MODES)}"),
-            "pairs": (self.pairs in PAIR_MODES, f"one of {PAIR_MODES}"),
-            "beta": (self.beta > 0, "> 0"), "lr": (self.lr > 0, "> 0"),
-            "lambda_video": (self.lambda_video >= 0, ">= 0"), "lambda_nll": (self.lambda_nll >= 0, ">= 0"),
-            "margin": (self.margin >= 0, ">= 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "warmup_steps": (self.warmup_steps >= 0, ">= 0"), "epochs": (self.epochs >= 1, ">= 1"),
-            "max_steps": (self.max_steps >= 0, ">= 0"), "groups_per_batch": (self.groups_per_batch >= 1, ">= 1"),
-            "max_grad_norm": (self.max_grad_norm >= 0, ">= 0"),
-            "checkpoint_every": (self.checkpoint_every >= 1, ">= 1"),
-        }
-        for name, (ok, want) in checks.items():
-            if not ok:
-                raise ValueError(f"DPOConfig.{name} must be {want}, got {getattr(self, name)!r}")
-        for name, value in MODES[self.mode].items():
-            if getattr(self, name) != value:
-                raise ValueError(f"DPOConfig(mode={self.mode!r}) needs {name}={value!r}, got "
-                                 f"{getattr(self, name)!r}; use DPOConfig.for_mode({self.mode!r}, ...)")
-
-    @classmethod
-    def for_mode(cls, mode: str, **overrides) -> "DPOConfig":
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-        return cls(mode=mode, **{**MODES[mode], **overrides})
+CHECKPOINT = CHECKPOINT_DIR  # out_dir/CHECKPOINT exists once a run has saved (the pipeline resumes on it)
+HINT = "Lower the learning rate or beta, or check the reference log-probs in the preference file."
 
 
 # ---------------------------------------------------------------- preference groups
@@ -139,7 +90,7 @@ def twin_batches(rows: Sequence[dict], groups_per_batch: int, seed: int, epoch: 
     """Row indices per step: groups in a seeded order (per epoch), whole groups per batch."""
     groups: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
-        groups.setdefault(row.get("group") or f"\0{row['video_id']}", []).append(i)
+        groups.setdefault(group_key(row), []).append(i)
     order = list(groups.values())
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return [sum(order[s:s + groups_per_batch], []) for s in range(0, len(order), groups_per_batch)]
@@ -148,53 +99,34 @@ def twin_batches(rows: Sequence[dict], groups_per_batch: int, seed: int, epoch: 
 # ---------------------------------------------------------------- the loop
 
 @dataclass
-class _State:
+class _Run:
     """Everything a step changes, so a checkpoint resumes bit-for-bit (on CPU)."""
 
     policy: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    checkpoint: Checkpoint
     step: int = 0
 
-    def save(self, path: Path, config: DPOConfig) -> None:
-        state = {"step": self.step, "config": dataclasses.asdict(config),
-                 "trainable": {n: p.detach() for n, p in _trainable(self.policy)},  # no copy: peak memory
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state()}
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # atomic: the previous (good) checkpoint survives a crash mid-write
+    def save(self, config: DPOConfig) -> None:
+        weights = {n: p.detach() for n, p in _trainable(self.policy)}  # no copy: peak memory
+        self.checkpoint.save(self.step, config.resume_guard(), weights, self.optimizer, self.scheduler)
 
-    def load(self, path: Path, config: DPOConfig) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        changed = [k for k in _RESUME_FIXED if state["config"].get(k) != getattr(config, k)]
-        if changed:
-            raise DataError(f"{path}: written with other settings ({', '.join(changed)}); resume with the "
-                            "same settings or start a new output folder")
-        params = dict(_trainable(self.policy))
-        if set(params) != set(state["trainable"]):
-            raise DataError(f"{path}: trainable parameters differ from the policy's")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state["trainable"][n])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        self.step = state["step"]
+    def load(self, config: DPOConfig) -> None:
+        self.step, weights = self.checkpoint.load(config.resume_guard(), self.optimizer, self.scheduler)
+        restore_weights(dict(_trainable(self.policy)), weights, self.checkpoint.path)
 
 
 def _trainable(policy: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
 
 
-def _make_state(policy: nn.Module, config: DPOConfig) -> _State:
+def _make_run(policy: nn.Module, config: DPOConfig, out: Path) -> _Run:
     params = [p for _, p in _trainable(policy)]
     if not params:
         raise ValueError("the policy has no trainable parameters (requires_grad=False everywhere)")
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    warm = config.warmup_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    return _State(policy, opt, sched)
+    return _Run(policy, opt, lr_schedule(opt, "constant", config.warmup_steps), Checkpoint(out))
 
 
 def train_dpo(policy: nn.Module, groups: str | Path | Sequence[dict], features: FeatureFn,
@@ -202,117 +134,104 @@ def train_dpo(policy: nn.Module, groups: str | Path | Sequence[dict], features: 
               stop_after: int | None = None, show_progress: bool = True) -> dict:
     """Train `policy` (any nn.Module with a differentiable `logprob(features, captions)`) in place.
 
-    Writes `out_dir/metrics.jsonl` (one row a step: loss, reward accuracy, margin, ...),
-    `checkpoint.pt` (every `checkpoint_every` steps and at the end: trainable weights, optimizer,
-    scheduler, RNG, step; the data order follows from seed and step) and `dpo_config.json`.
+    Writes `out_dir/log.jsonl` (one row a step: loss, reward accuracy, margin, ...), `checkpoint/`
+    (every `save_every` steps and at the end: trainable weights, optimizer, scheduler, RNG, step;
+    the data order follows from seed and step), `train_config.json` and `metrics.json`.
     `resume=True` continues from the checkpoint and ends with the same weights as an uninterrupted
     run. `stop_after=N` pauses after global step N (with a checkpoint). A NaN/inf loss or gradient
     raises NonFiniteLossError before the update; the last checkpoint is left as it was."""
     out = Path(out_dir)
     rows = load_groups(groups) if isinstance(groups, (str, Path)) else list(groups)
-    ckpt = out / CHECKPOINT
-    if ckpt.exists() and not resume:
-        raise DataError(f"{ckpt}: a checkpoint exists; pass --resume or use another output folder")
-    if dist.world_size() > config.groups_per_batch:
-        raise DataError(f"groups_per_batch={config.groups_per_batch} is below the {dist.world_size()} processes: "
-                        "each step's twin groups are split over them; raise --groups-per-batch")
+    _check_start(out, resume, config)
     torch.manual_seed(config.seed)
-    state = _make_state(policy, config)
-    if resume and ckpt.exists():
-        state.load(ckpt, config)
+    run = _make_run(policy, config, out)
+    if begin(out, resume, main=dist.is_main()) is not None:
+        run.load(config)
     dist.broadcast_tensors(p for _, p in _trainable(policy))  # every process starts from rank 0's weights
-    out.mkdir(parents=True, exist_ok=True)
     if dist.is_main():
-        _trim_metrics(out, state.step)
-        write_json(out / "dpo_config.json", dataclasses.asdict(config))
+        write_json(out / CONFIG_FILE, asdict(config))
     policy.train(config.dropout)
     per_epoch = len(twin_batches(rows, config.groups_per_batch, config.seed, 0))
     total = config.epochs * per_epoch
     total = min(total, config.max_steps) if config.max_steps else total
     end = min(total, stop_after) if stop_after is not None else total
-    _run(state, rows, features, out, config, per_epoch, total, end, show_progress)
-    return {"steps": state.step, "total_steps": total, "finished": state.step >= total,
-            "checkpoint": str(ckpt), "metrics": str(out / METRICS)}
+    _loop(run, rows, features, config, per_epoch, total, end, show_progress)
+    summary = {"steps": run.step, "total_steps": total, "finished": run.step >= total,
+               "checkpoint": str(run.checkpoint.path), "metrics": str(out / LOG_FILE)}
+    if dist.is_main():
+        write_json(out / SUMMARY_FILE, summary)
+    return summary
 
 
-def _run(state: _State, rows, features, out: Path, config: DPOConfig, per_epoch: int,
-         total: int, end: int, show_progress: bool) -> None:
+def _check_start(out: Path, resume: bool, config: DPOConfig) -> None:
+    if Checkpoint(out).exists() and not resume:
+        raise DataError(f"{Checkpoint(out).path}: a checkpoint exists; pass --resume or use another output folder")
+    if dist.world_size() > config.groups_per_batch:
+        raise DataError(f"groups_per_batch={config.groups_per_batch} is below the {dist.world_size()} processes: "
+                        "each step's twin groups are split over them; raise --groups-per-batch")
+
+
+def _loop(run: _Run, rows, features, config: DPOConfig, per_epoch: int, total: int, end: int,
+          show_progress: bool) -> None:
     from rich.progress import TextColumn
 
     from ..progress import progress_bar
 
     stats_col = TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.2f} "
                            "margin {task.fields[margin]:+.3f}")
+    log = MetricsLog(run.checkpoint.path.parent)
     with progress_bar(stats_col, transient=not show_progress) as bar:
-        task = bar.add_task(config.mode, total=total, completed=state.step, unit="steps",
+        task = bar.add_task(config.mode, total=total, completed=run.step, unit="steps",
                             loss=float("nan"), acc=float("nan"), margin=float("nan"))
         batches, epoch = None, -1
-        while state.step < end:
-            if state.step // per_epoch != epoch:
-                epoch = state.step // per_epoch
+        while run.step < end:
+            if run.step // per_epoch != epoch:
+                epoch = run.step // per_epoch
                 batches = twin_batches(rows, config.groups_per_batch, config.seed, epoch)
-            batch = [rows[i] for i in batches[state.step % per_epoch]]
-            stats = _step(state, batch, features, out, config)
-            stats["epoch"] = epoch
-            bar.update(task, advance=1, loss=stats["loss"], acc=stats["reward_acc"], margin=stats["margin"])
+            stats, row = _step(run, [rows[i] for i in batches[run.step % per_epoch]], features, config)
+            bar.update(task, advance=1, loss=stats.loss, acc=stats.reward_acc, margin=stats.margin)
             if not dist.is_main():  # rank 0 alone writes metrics and checkpoints
                 continue
-            _log_metrics(out, stats)
-            if state.step % config.checkpoint_every == 0 or state.step == end:
-                state.save(out / CHECKPOINT, config)
+            log.append({**row, "epoch": epoch})
+            if due(config.save_every, run.step) or run.step == end:
+                run.save(config)
 
 
-def _step(state: _State, batch: Sequence[dict], features: FeatureFn, out: Path, config: DPOConfig) -> dict:
+def _step(run: _Run, batch: Sequence[dict], features: FeatureFn, config: DPOConfig) -> tuple[DPOStats, dict]:
+    """One update: (the batch's stats, its log row)."""
     t0 = time.perf_counter()
-    state.optimizer.zero_grad(set_to_none=True)
-    params = [p for _, p in _trainable(state.policy)]
-    if dist.world_size() == 1:
-        loss, stats = batch_loss(state.policy, batch, features, config)
-        _check_finite(loss, "loss", state.step + 1, stats, out)
-    else:  # the whole batch's loss, the same on every process: all stop together
-        loss, stats = shared_loss(state.policy, batch, features, config)
-        _check_finite(torch.tensor(stats["loss"]), "loss", state.step + 1, stats, out)
+    run.optimizer.zero_grad(set_to_none=True)
+    params = [p for _, p in _trainable(run.policy)]
+    # more than one process: the whole batch's loss, the same on every process, so all stop together
+    loss, stats = (batch_loss if dist.world_size() == 1 else shared_loss)(run.policy, batch, features, config)
+    _check(stats.loss, "loss", run, stats, config)
     if loss.requires_grad:  # False only when no caption of the (local) batch is in any pair
         loss.backward()
     grad_norm = float("nan")
     if dist.all_reduce_grads(params, average=False):  # summed: each process's loss is its share
-        clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        _check_finite(grad_norm, "gradient norm", state.step + 1, stats, out)
+        grad_norm = clip_gradients(params, config.grad_clip)
+        _check(grad_norm, "gradient norm", run, stats, config)
         grad_norm = float(grad_norm)
-        state.optimizer.step()
-    state.scheduler.step()
-    state.step += 1
-    return {"step": state.step, **stats, "grad_norm": grad_norm,
-            "lr": state.optimizer.param_groups[0]["lr"], "videos": len(batch),
-            "time_s": time.perf_counter() - t0}
+        run.optimizer.step()
+    run.scheduler.step()
+    run.step += 1
+    return stats, {"step": run.step, **stats.to_row(), "grad_norm": grad_norm,
+                   "lr": run.optimizer.param_groups[0]["lr"], "videos": len(batch),
+                   "time_s": time.perf_counter() - t0}
 
 
-def _check_finite(value: Tensor, what: str, step: int, stats: dict, out: Path) -> None:
-    if torch.isfinite(value).all():
-        return
-    ckpt = out / CHECKPOINT
-    kept = (f"the last good checkpoint is {ckpt} (step {torch.load(ckpt, weights_only=False)['step']})"
-            if ckpt.exists() else "no checkpoint was written yet")
-    parts = ", ".join(f"{k}={stats.get(k)}" for k in ("loss_caption", "loss_video", "loss_nll") if k in stats)
-    raise NonFiniteLossError(f"step {step}: non-finite {what} ({float(value.detach())}; {parts}); stopped before the "
-                             f"update; {kept}. Lower the learning rate or beta, or check the reference "
-                             "log-probs in the preference file.")
+def _check(value, what: str, run: _Run, stats: DPOStats, config: DPOConfig) -> None:
+    terms = ", ".join(f"{k}={v}" for k, v in stats.term_losses().items())
+    check_finite(value, what, run.step + 1, run.checkpoint, config.mode, HINT, terms)
 
 
 # ---------------------------------------------------------------- metrics log
 
 def metrics_rows(out_dir: str | Path) -> list[dict]:
     """The metrics log of a run, one dict a step (NaN is written as null)."""
-    return list(read_jsonl(Path(out_dir) / METRICS))
+    return list(read_jsonl(Path(out_dir) / LOG_FILE))
 
 
-def _log_metrics(out_dir: Path, row: dict) -> None:
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    append_jsonl(out_dir / METRICS, [clean])
-
-
-def _trim_metrics(out_dir: Path, last_step: int) -> None:
-    """Keep rows up to the checkpoint: later ones are redone on resume (and a fresh run starts empty)."""
-    kept = [r for r in read_jsonl(out_dir / METRICS) if r["step"] <= last_step]
-    atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+def read_stats(out_dir: str | Path) -> list[tuple[int, DPOStats]]:
+    """(step, stats) of every logged step of a run."""
+    return [(row["step"], DPOStats.from_row(row)) for row in metrics_rows(out_dir)]

@@ -13,7 +13,7 @@ from ..captioner.model import CaptionerConfig
 from ..captioner.sft import SFTConfig
 from ..data.twinclips import TwinClipsConfig
 from ..dpo.prefs import PrefsConfig
-from ..dpo.train import DPOConfig
+from ..dpo.config import DPOConfig
 from ..features import FeatureConfig
 from ..retrieval.model import RetrieverConfig
 from ..retrieval.train import RetrieverTrainConfig
@@ -81,8 +81,8 @@ def _smoke(seed: int) -> RunConfig:
         test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=12, seed=seed),
         retriever=retriever_preset("smoke", epochs=4),
         prefs=PrefsConfig(num_samples=3, max_new_tokens=12, seed=seed),
-        dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-3, epochs=1, checkpoint_every=1000, seed=seed),
-        dpo=DPOConfig.for_mode("dpo", lr=1e-3, epochs=1, checkpoint_every=1000, seed=seed),
+        dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-3, epochs=1, save_every=1000, seed=seed),
+        dpo=DPOConfig.for_mode("dpo", lr=1e-3, epochs=1, save_every=1000, seed=seed),
     )
 
 

@@ -148,14 +148,14 @@ def plot_dpo_curves(run: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..dpo.train import metrics_rows
+    from ..dpo.train import read_stats
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     for arm in ("dpo", "dg_dpo"):
-        rows = metrics_rows(run / "captioner" / arm) if (run / "captioner" / arm).exists() else []
-        steps = [r["step"] for r in rows]
-        ax_loss.plot(steps, [r["loss"] for r in rows], label=arm)
-        ax_acc.plot(steps, [r["reward_acc"] for r in rows], label=arm)
+        log = read_stats(run / "captioner" / arm) if (run / "captioner" / arm).exists() else []
+        steps = [step for step, _ in log]
+        ax_loss.plot(steps, [s.loss for _, s in log], label=arm)
+        ax_acc.plot(steps, [s.reward_acc for _, s in log], label=arm)
     ax_loss.set(xlabel="step", ylabel="loss", title="DPO training loss")
     ax_acc.set(xlabel="step", ylabel="reward accuracy", title="implicit-reward accuracy")
     ax_loss.legend()

@@ -25,11 +25,15 @@ from typing import Any
 import torch
 
 from .. import dist
-from ..io import append_jsonl, read_json, write_json
+from ..io import read_json, write_json
 from ..records import SENTENCE_POOLS, DataError, Dataset, check_pool
+from ..training import (CONFIG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin, check_finite, clip_gradients, due,
+                        lr_schedule, restore_weights)
 from .loss import info_nce
 from .model import Retriever, RetrieverConfig
-from .score import GlobalFeatures, Scorer, evaluate, reference_captions
+from .score import GlobalFeatures, evaluate, reference_captions
+
+HINT = "Lower the learning rates (lr, head_lr)."
 
 
 @dataclass(frozen=True)
@@ -172,27 +176,28 @@ def make_optimizer(model: Retriever, cfg: RetrieverTrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups)
 
 
-def _set_lr(opt: torch.optim.Optimizer, cfg: RetrieverTrainConfig, step: int) -> None:
-    ramp = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-    for g, base in zip(opt.param_groups, (cfg.head_lr, cfg.lr)):
-        g["lr"] = base * ramp
+def make_schedule(opt: torch.optim.Optimizer, cfg: RetrieverTrainConfig):
+    """Linear warm-up of every group's lr, then constant (training.SCHEDULES)."""
+    return lr_schedule(opt, "constant", cfg.warmup_steps)
 
 
-def train_step(model: Retriever, opt: torch.optim.Optimizer, cfg: RetrieverTrainConfig,
-               queries: list[str], feats: torch.Tensor, captions: list[str | None], step: int) -> float:
+def train_step(model: Retriever, opt: torch.optim.Optimizer, sched, cfg: RetrieverTrainConfig,
+               queries: list[str], feats: torch.Tensor, captions: list[str | None], step: int,
+               checkpoint: Checkpoint | None = None) -> float:
     """One step on the global batch (queries, feats, captions); under torchrun each process encodes
-    its share and the loss, the same on every process, covers the gathered whole."""
+    its share and the loss, the same on every process, covers the gathered whole (so a NaN/inf
+    loss or gradient norm stops every process before the update)."""
     model.train(cfg.dropout)
     q, c, scale = _batch_embeddings(model, queries, feats, captions if model.config.use_caption else None)
     loss = info_nce(q, c, scale)
+    check_finite(loss.detach(), "loss", step + 1, checkpoint, "retriever", HINT)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in model.parameters() if p.requires_grad]
     dist.all_reduce_grads(params, average=True)  # no-op in one process
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    _set_lr(opt, cfg, step)
+    check_finite(clip_gradients(params, cfg.grad_clip), "gradient norm", step + 1, checkpoint, "retriever", HINT)
     opt.step()
+    sched.step()
     return float(loss.detach())
 
 
@@ -213,33 +218,9 @@ def _batch_embeddings(model: Retriever, queries: list[str], feats: torch.Tensor,
     return *both.split(model.hidden_size, dim=1), scale
 
 
-# ---- checkpoints -----------------------------------------------------------------------------
-
-def save_checkpoint(out_dir: Path, model: Retriever, opt: torch.optim.Optimizer, step: int) -> None:
-    """Write checkpoint.tmp/ completely, then swap it in: a kill never leaves a torn checkpoint."""
-    import shutil
-
-    tmp, ckpt = out_dir / "checkpoint.tmp", out_dir / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
-    write_json(tmp / "state.json", {"step": step})  # written last: marks the checkpoint complete
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.replace(ckpt)
-
-
-def load_checkpoint(out_dir: Path, cfg: RetrieverTrainConfig) -> tuple[Retriever, dict, int] | None:
-    for ckpt in (out_dir / "checkpoint", out_dir / "checkpoint.tmp"):  # .tmp: killed mid-swap
-        if (ckpt / "state.json").exists():
-            break
-    else:
-        return None
-    model = Retriever.from_pretrained(ckpt)
-    if model.config != cfg.model:
-        raise DataError(f"{ckpt}: checkpoint was made with another model config; use a new --out")
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=False)
-    torch.set_rng_state(trainer["torch_rng"])
-    return model, trainer["optimizer"], int(read_json(ckpt / "state.json")["step"])
+def resume_guard(cfg: RetrieverTrainConfig) -> dict:
+    """What a resumed run must share with the checkpoint: the model config."""
+    return {"model": asdict(cfg.model)}
 
 
 # ---- loop ------------------------------------------------------------------------------------
@@ -254,24 +235,18 @@ def train_retriever(cfg: RetrieverTrainConfig, dataset: Dataset, features: Globa
                     out_dir: str | Path, caption_pool: Mapping[str, list[str]] | None = None,
                     resume: bool = False, eval_captions: Mapping[str, str | None] | None = None,
                     log: Callable[[str], None] | None = None, progress: bool = True) -> tuple[Retriever, dict]:
-    """Train, writing out_dir/{log.jsonl, checkpoint/, model/, metrics.json}; returns (model, metrics).
+    """Train, writing out_dir/{log.jsonl, checkpoint/, model/, metrics.json, train_config.json}
+    (`caredpo.training`); returns (model, metrics).
 
     caption_pool: optional {video id: [generated captions]} added to the auxiliary-caption draws.
     eval_captions: captions for the monitored evaluation; default: oracle reference captions
     (never the query) for captioned variants.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    start = begin(out, resume, main=dist.is_main())
     if dist.is_main():
-        write_json(out / "train_config.json", asdict(cfg))
-    torch.manual_seed(cfg.seed)
-    state = load_checkpoint(out, cfg) if resume else None
-    model = (state[0] if state else Retriever(cfg.model)).to(dist.device(cfg.device))
-    dist.broadcast_tensors([*model.parameters(), *model.buffers()])  # every process starts from rank 0's
-    opt = make_optimizer(model, cfg)
-    if state:
-        opt.load_state_dict(state[1])  # after .to(device): the state follows the parameters
-    step = state[2] if state else 0
+        write_json(out / CONFIG_FILE, asdict(cfg))
+    model, opt, sched, step = _start(cfg, Checkpoint(out), start)
     ids = _train_ids(dataset, features, cfg.train_split)
     feats = dict(zip(ids, features.global_feats(ids)))
     groups = twin_groups(dataset, ids)
@@ -283,19 +258,33 @@ def train_retriever(cfg: RetrieverTrainConfig, dataset: Dataset, features: Globa
     emit(f"retriever {cfg.model.variant} ({cfg.model.video_pooling} pooling): {len(ids)} videos, {len(groups)} groups, {total} steps"
          + (f", resuming at step {step}" if step else "")
          + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
-    metrics = _loop(cfg, model, opt, dataset, features, feats, groups, caption_pool, eval_captions,
+    metrics = _loop(cfg, model, (opt, sched), dataset, features, feats, groups, caption_pool, eval_captions,
                     step, total, per_epoch, out, emit, progress and dist.is_main())
     if dist.is_main():
         model.save_pretrained(out / "model")
-        write_json(out / "metrics.json", metrics)
+        write_json(out / SUMMARY_FILE, metrics)
     dist.barrier()  # the model folder exists for every process on return
     return model, metrics
 
 
-def _loop(cfg, model, opt, dataset, features, feats, groups, pool, eval_captions, step, total,
+def _start(cfg: RetrieverTrainConfig, ckpt: Checkpoint, start: int | None):
+    """(model, optimizer, scheduler, step): fresh from cfg.seed, or the checkpoint's state."""
+    torch.manual_seed(cfg.seed)
+    model = Retriever(cfg.model).to(dist.device(cfg.device))
+    opt = make_optimizer(model, cfg)
+    sched = make_schedule(opt, cfg)
+    if start is not None:  # after .to(device): the optimizer state follows the parameters
+        start, weights = ckpt.load(resume_guard(cfg), opt, sched)
+        restore_weights(model.state_dict(), weights, ckpt.path)
+    dist.broadcast_tensors([*model.parameters(), *model.buffers()])  # every process starts from rank 0's
+    return model, opt, sched, start or 0
+
+
+def _loop(cfg, model, optim, dataset, features, feats, groups, pool, eval_captions, step, total,
           per_epoch, out, emit, progress) -> dict:
     from ..progress import progress_bar
 
+    (opt, sched), ckpt, metrics_log = optim, Checkpoint(out), MetricsLog(out)
     metrics: dict = {}
     bar = progress_bar(_loss_column()) if progress else _NoBar()
     with bar:
@@ -305,20 +294,21 @@ def _loop(cfg, model, opt, dataset, features, feats, groups, pool, eval_captions
             batch = epoch_batches(groups, cfg.batch_groups, cfg.seed, epoch)[k]
             rng = random.Random(f"{cfg.seed}-draw-{step}")
             queries, captions = draw_pairs(dataset, batch, pool, cfg, rng)
-            loss = train_step(model, opt, cfg, queries, torch.stack([feats[v] for v in batch]), captions, step)
+            loss = train_step(model, opt, sched, cfg, queries, torch.stack([feats[v] for v in batch]), captions,
+                              step, ckpt)
             step += 1
             bar.update(task, advance=1, loss=f"{loss:.3f}")
             if not dist.is_main():  # rank 0 alone evaluates and writes; the others go on to the next step
                 continue
-            append_jsonl(out / "log.jsonl", [{"step": step, "epoch": epoch, "loss": loss}])
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            metrics_log.append({"step": step, "epoch": epoch, "loss": loss})
+            if due(cfg.eval_every, step) or step == total:
                 metrics = evaluate(model, dataset, features, eval_captions, cfg.eval_split)
                 metrics["step"] = step
-                append_jsonl(out / "log.jsonl", [{"step": step, "eval": metrics}])
+                metrics_log.append({"step": step, "eval": metrics})
                 emit(f"step {step}: {cfg.eval_split} t2v R1 {metrics['t2v']['R1']:.1f} "
                      f"R5 {metrics['t2v']['R5']:.1f} twin {metrics['twin_acc']:.1f}")
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total:
-                save_checkpoint(out, model, opt, step)
+            if due(cfg.save_every, step) or step == total:
+                ckpt.save(step, resume_guard(cfg), model.state_dict(), opt, sched)
     return metrics
 
 
