@@ -14,7 +14,7 @@ processes generates only the missing videos.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,10 +25,11 @@ from ..records import DataError
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    n: int = 1  # captions per video
+    # captions per video (under torchrun write --num-captions: torchrun claims --n)
+    n: int = field(default=1, metadata={"flags": ("--num-captions",)})
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # nucleus mass kept when sampling
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # longest caption, in tokens
     seed: int = 0  # video v samples with video_seed(seed, v)
     batch_videos: int = 16  # videos per generate call (the unit of resume and of sharding)
 
@@ -107,5 +108,29 @@ def _sample(model, feats, seeds: Sequence[int], sampling: SamplingConfig) -> lis
 
 
 def load_captions(path: str | Path) -> dict[str, list[str]]:
-    """video id -> captions, from a captions jsonl."""
-    return {row["video_id"]: row["captions"] for row in read_jsonl(path)}
+    """video id -> captions, from a captions jsonl (the one reader of generated captions: the
+    retrievers' pool, the twins' captions in the reward, the arms' captions in the evaluation).
+
+    Every line must hold a "video_id" and a "captions" list of strings; another line is refused with
+    the file, the line and the reason. Captions are kept as written, blank ones too: a captioner
+    that writes nothing for a video is what the retriever is trained and evaluated with."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: captions file not found")
+    out: dict[str, list[str]] = {}
+    for i, row in enumerate(read_jsonl(path), start=1):
+        if not _caption_row(row):
+            raise DataError(f"{path}: line {i}: expected {{\"video_id\": ..., \"captions\": [strings]}}")
+        out.setdefault(str(row["video_id"]), []).extend(row["captions"])
+    return out
+
+
+def _caption_row(row: Any) -> bool:
+    caps = row.get("captions") if isinstance(row, dict) else None
+    return isinstance(caps, list) and "video_id" in row and all(isinstance(c, str) for c in caps)
+
+
+def first_captions(captions: dict[str, list[str]]) -> dict[str, str | None]:
+    """The first caption of each video (None where it has none): the one the evaluation and the
+    twins in the reward use."""
+    return {v: (caps[0] if caps else None) for v, caps in captions.items()}

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import dist
-from ..records import DataError
+from ..records import DataError, work_units
 from .loss import dg_dpo_loss, pair_mask
 
 if TYPE_CHECKING:
@@ -104,10 +104,8 @@ _EMPTY_MEAN = {"loss_caption": 0.0, "loss_video": 0.0, "loss_nll": 0.0}  # else 
 
 def _local_rows(batch: Sequence[dict]) -> list[dict]:
     """This process's contiguous share of the batch's twin groups (whole groups, batch order)."""
-    groups: dict[str, list[dict]] = {}
-    for row in batch:
-        groups.setdefault(row.get("group") or f"\0{row['video_id']}", []).append(row)
-    mine = list(groups.values())[dist.shard_slice(len(groups))]
+    groups = work_units(batch, lambda row: row.get("group"))
+    mine = groups[dist.shard_slice(len(groups))]
     return [row for group in mine for row in group]
 
 

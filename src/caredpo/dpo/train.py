@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .. import dist
 from ..io import append_jsonl, atomic_write_text, read_jsonl, write_json
-from ..records import DataError, NonFiniteLossError
+from ..records import DataError, NonFiniteLossError, work_units
 from .batch import FeatureFn, batch_loss, shared_loss
 from .loss import PAIR_MODES
 
@@ -129,10 +129,7 @@ def _row_problem(row: dict) -> str | None:
 
 def twin_batches(rows: Sequence[dict], groups_per_batch: int, seed: int, epoch: int) -> list[list[int]]:
     """Row indices per step: groups in a seeded order (per epoch), whole groups per batch."""
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(row.get("group") or f"\0{row['video_id']}", []).append(i)
-    order = list(groups.values())
+    order = work_units(range(len(rows)), lambda i: rows[i].get("group"))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return [sum(order[s:s + groups_per_batch], []) for s in range(0, len(order), groups_per_batch)]
 

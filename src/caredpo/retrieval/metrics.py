@@ -95,7 +95,7 @@ def twin_accuracy(similarity: Any, query_to_video: Any, groups: Sequence[Hashabl
     idx = _as_index(query_to_video, sim)
     if len(groups) != sim.shape[1]:
         raise ValueError(f"groups has {len(groups)} entries for {sim.shape[1]} videos")
-    codes = _group_codes(groups)  # [V], -1 = no group
+    codes = group_codes(groups)  # [V], -1 = no group
     gq = codes[idx]  # [Q] group of each query's video
     twin = (codes[None, :] == gq[:, None]) & (gq[:, None] >= 0)  # [Q, V]
     twin[torch.arange(sim.shape[0]), idx] = False
@@ -107,7 +107,8 @@ def twin_accuracy(similarity: Any, query_to_video: Any, groups: Sequence[Hashabl
     return float((~lost[has_twin]).double().mean() * 100)
 
 
-def _group_codes(groups: Sequence[Hashable | None]) -> torch.Tensor:
+def group_codes(groups: Sequence[Hashable | None]) -> torch.Tensor:
+    """[V] int code of each video's twin group (`Video.group`), -1 for a lone video."""
     table: dict[Hashable, int] = {}
     codes = [-1 if g is None else table.setdefault(g, len(table)) for g in groups]
     return torch.tensor(codes, dtype=torch.long)

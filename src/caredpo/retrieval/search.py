@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .metrics import _group_codes, retrieval_metrics, summarize_ranks, twin_accuracy
+from .metrics import group_codes, retrieval_metrics, summarize_ranks, twin_accuracy
 from .metrics import t2v_ranks as matrix_t2v_ranks
 from .metrics import v2t_ranks as matrix_v2t_ranks
 
@@ -176,7 +176,7 @@ def v2t_ranks(queries: torch.Tensor, gallery: torch.Tensor, truth: torch.Tensor,
 def twin_accuracy_sparse(queries: torch.Tensor, gallery: torch.Tensor, truth: torch.Tensor,
                          groups: Sequence[Hashable | None], chunk: int = 4096) -> float:
     """metrics.twin_accuracy without the [Q, V] matrix: each query scores only its video's group."""
-    codes = _group_codes(groups)
+    codes = group_codes(groups)
     members: dict[int, list[int]] = {}
     for j, c in enumerate(codes.tolist()):
         if c >= 0:
