@@ -43,16 +43,18 @@ def variant_config(name: str, seed: int, device: str):
 
 
 def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) -> dict:
-    from caredpo.captioner.generate import load_captions
+    from caredpo.captioner.generate import first_captions, load_captions
+    from caredpo.pipeline.layout import RunLayout
     from caredpo.retrieval.score import evaluate, reference_captions
     from caredpo.retrieval.train import train_retriever
 
+    layout = RunLayout.load(run)
     cfg = variant_config(name, 0, device)
-    pool = load_captions(run / "captions" / "sft_train.jsonl")
+    pool = load_captions(layout.captions("sft", "train"))
     t0 = time.perf_counter()
     model, _ = train_retriever(cfg, dataset, store, out / name, caption_pool=pool, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t0
-    sft = {v: c[0] for v, c in load_captions(run / "captions" / "sft_test.jsonl").items()}
+    sft = first_captions(load_captions(layout.captions("sft", "test")))
     row = {"variant": name, "steps": json.loads((out / name / "metrics.json").read_text())["step"],
            "seconds": round(seconds, 1)}
     for arm, caps in (("oracle", reference_captions(dataset, "test", seed=0)), ("sft", sft), ("none", None)):
@@ -84,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     from caredpo.data import load_dataset
     from caredpo.features import FeatureStore
+    from caredpo.pipeline.layout import RunLayout
 
     args.out.mkdir(parents=True, exist_ok=True)
-    dataset, store = load_dataset(args.run / "data"), FeatureStore.load(args.run / "data" / "features")
+    layout = RunLayout.load(args.run)
+    dataset, store = load_dataset(layout.data), FeatureStore.load(layout.features)
     print_table([run_variant(n, args.run, dataset, store, args.device, args.out) for n in names])
     return 0
 

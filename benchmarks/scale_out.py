@@ -47,10 +47,12 @@ def _dpo_inputs(run: Path | None):
     if run is not None:
         from caredpo.captioner.model import VideoCaptioner
         from caredpo.features import FeatureStore
+        from caredpo.pipeline.layout import RunLayout
 
-        policy = VideoCaptioner.from_pretrained(run / "captioner" / "sft")
+        layout = RunLayout.load(run)
+        policy = VideoCaptioner.from_pretrained(layout.captioner_model("sft"))
         policy.set_trainable()
-        return policy, load_groups(run / "prefs" / "groups.jsonl"), FeatureStore.load(run / "data" / "features").grid_feats
+        return policy, load_groups(layout.groups), FeatureStore.load(layout.features).grid_feats
     return _tiny_inputs()
 
 
@@ -193,7 +195,9 @@ def main() -> None:
     ap.add_argument("--skip-search", action="store_true")
     args = ap.parse_args()
     if not args.skip_dpo:
-        run = args.run if (args.run / "prefs" / "groups.jsonl").exists() else None
+        from caredpo.pipeline.layout import RunLayout
+
+        run = args.run if RunLayout.load(args.run).groups.exists() else None
         what = f"{run}: SFT captioner, its preference groups" if run else "tiny random captioner (no run found)"
         print(f"DG-DPO, {what}; 2 twin groups a step, gloo, 1 thread a process; "
               f"median step of {args.steps} (after 1 warm-up), median of {args.repeats} repeats", flush=True)

@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     from caredpo.data import load_dataset
     from caredpo.features import FeatureStore
+    from caredpo.pipeline.layout import RunLayout
 
     args.out.mkdir(parents=True, exist_ok=True)
-    dataset, store = load_dataset(args.run / "data"), FeatureStore.load(args.run / "data" / "features")
+    layout = RunLayout.load(args.run)
+    dataset, store = load_dataset(layout.data), FeatureStore.load(layout.features)
     print_table([run_variant(n, dataset, store, args.device, args.out, args.lm) for n in names])
     return 0
 

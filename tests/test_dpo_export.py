@@ -123,7 +123,7 @@ def test_prefs_command_exports(tmp_path, capsys):
         write_mp4(data / "videos" / f"{v}.mp4", num_frames=4, size=32, seed=i)
     (data / "AllVideoDescriptions.txt").write_text("".join(f"{v} a red square moves right\n" for v in ids))
     (data / "train_list.txt").write_text("\n".join(ids) + "\n")
-    assert main(["features", "--data", str(data), "--frames", "2", "--size", "32"]) == 0
+    assert main(["features", "--data", str(data), "--num-frames", "2", "--size", "32"]) == 0
     VideoCaptioner(CaptionerConfig(lm="tiny", num_frames=2, colour_bins=64, projector_hidden=32, lora_layers=1,
                                    lora_rank=4)).save_pretrained(tmp_path / "sft")
     Retriever(RetrieverConfig(text_encoder="tiny", num_frames=2)).save_pretrained(tmp_path / "retriever")
@@ -131,7 +131,7 @@ def test_prefs_command_exports(tmp_path, capsys):
     greedy.write_text("".join(json.dumps({"video_id": v, "captions": ["a red square"]}) + "\n" for v in ids))
     assert main(["prefs", "--data", str(data), "--captioner", str(tmp_path / "sft"), "--retriever",
                  str(tmp_path / "retriever"), "--train-captions", str(greedy), "--out", str(tmp_path / "prefs"),
-                 "--samples", "3", "--export-trl", str(tmp_path / "trl")]) == 0
+                 "--num-samples", "3", "--export-trl", str(tmp_path / "trl")]) == 0
     assert "trl pairs:" in capsys.readouterr().out
     pairs = load_from_disk(str(tmp_path / "trl"))
     assert set(PAIR_COLUMNS) <= set(pairs.column_names) and set(pairs["video_id"]) <= set(ids)

@@ -1,6 +1,6 @@
 """A malformed line of a JSONL input fails with one line: the file, the line number and the reason.
 
-Readers: `io.read_jsonl` itself, captions (`load_captions`, `done_ids`, `load_caption_pool`),
+Readers: `io.read_jsonl` itself, captions (`load_captions`, `done_ids`),
 preference groups (`load_groups`), the shards `merge_parts` folds, and the --queries JSON file.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from caredpo.captioner.generate import done_ids, load_captions
 from caredpo.dpo.train import load_groups
 from caredpo.io import merge_parts, part_path, read_jsonl
 from caredpo.records import DataError
-from caredpo.retrieval.train import load_caption_pool, read_queries
+from caredpo.retrieval.train import read_queries
 
 CAPTION = {"video_id": "v1", "captions": ["a red circle"], "sampling": {"n": 1}}
 GROUP = {"video_id": "v1", "group": "g1", "captions": ["a", "b"], "rewards": [0.9, 0.1],
@@ -72,14 +72,23 @@ def test_blank_lines_skipped_torn_tail_ignored_line_numbers_kept(tmp_path):
 
 def test_captions_readers(tmp_path):
     path = _write(tmp_path / "captions.jsonl", json.dumps(CAPTION), json.dumps({"video_id": "v2"}))
-    for read in (load_captions, load_caption_pool, lambda p: done_ids(p, {"n": 1})):
+    for read in (load_captions, lambda p: done_ids(p, {"n": 1})):
         with pytest.raises(DataError) as info:
             read(path)
         assert _one_line(info) == f'{path}:2: missing field "captions"'
     _write(path, json.dumps(CAPTION), "{not json")
-    for read in (load_captions, load_caption_pool, lambda p: done_ids(p, {"n": 1})):
+    for read in (load_captions, lambda p: done_ids(p, {"n": 1})):
         with pytest.raises(DataError, match=r"captions\.jsonl:2: not valid JSON"):
             read(path)
+
+
+def test_captions_must_be_strings_and_the_file_must_exist(tmp_path):
+    path = _write(tmp_path / "captions.jsonl", json.dumps(CAPTION), json.dumps({**CAPTION, "captions": ["a", 3]}))
+    with pytest.raises(DataError) as info:
+        load_captions(path)
+    assert _one_line(info) == f'{path}:2: field "captions" must be a list of strings'
+    with pytest.raises(DataError, match="captions file not found"):
+        load_captions(tmp_path / "missing.jsonl")
 
 
 def test_captions_written_with_other_settings_name_the_line(tmp_path):

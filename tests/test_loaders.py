@@ -141,7 +141,7 @@ def test_unknown_layout_and_format(tmp_path):
 
 def test_cli_features_on_msrvtt(msrvtt, capsys):
     out = msrvtt / "feats"
-    assert main(["features", "--data", str(msrvtt), "--out", str(out), "--frames", "2", "--size", "32"]) == 0
+    assert main(["features", "--data", str(msrvtt), "--out", str(out), "--num-frames", "2", "--size", "32"]) == 0
     assert f"{out}: 3 videos x 2 frames" in capsys.readouterr().out
     meta = json.loads((out / "features.json").read_text())
     assert meta["video_ids"] == ["video0", "video1", "video2"] and meta["size"] == 32
@@ -149,7 +149,7 @@ def test_cli_features_on_msrvtt(msrvtt, capsys):
 
 def test_cli_features_bad_video_and_skip_bad(msrvtt, capsys):
     (msrvtt / "videos/all/video1.mp4").write_text("garbage")
-    args = ["features", "--data", str(msrvtt), "--frames", "2", "--size", "32"]
+    args = ["features", "--data", str(msrvtt), "--num-frames", "2", "--size", "32"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar's last state
     assert err.startswith("error: ") and "video1.mp4: not a readable video" in err

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +106,38 @@ def test_summary_command_prints_mean_and_spread(smoke_run, capsys):
     assert main(["summary", str(smoke_run), str(smoke_run)]) == 0
     out = capsys.readouterr().out
     assert "mean ± std over 2 run(s)" in out and "± 0.0" in out
+
+
+def readme_stage_commands(overrides: dict[str, str]) -> list[list[str]]:
+    """The commands of the README's stage-by-stage block, as argv lists for `main`: its shell
+    variables expanded (`overrides` replace the values the README assigns), `caredpo` dropped."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text.split("## The pipeline, stage by stage", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    env: dict[str, str] = {}
+
+    def expand(s: str) -> str:
+        return re.sub(r"\$(\w+)", lambda m: env[m.group(1)], s)
+
+    commands = []
+    for line in block.splitlines():
+        if line.startswith("caredpo "):
+            commands.append(shlex.split(expand(line))[1:])
+            continue
+        for assignment in filter(None, (a.strip() for a in line.split(";"))):
+            name, _, value = assignment.partition("=")
+            env[name] = overrides.get(name) or shlex.split(expand(value))[0]
+    return commands
+
+
+def test_readme_stage_commands_reproduce_caredpo_run(smoke_run, tmp_path):
+    """The README's stage commands, in order, on the smoke preset end with the metrics of
+    `caredpo run --preset smoke`: each stage is one function, and the commands start from the
+    preset as the pipeline does."""
+    run = tmp_path / "stages"
+    commands = readme_stage_commands({"P": "--preset smoke --seed 0", "RUN": str(run)})
+    assert [c[0] for c in commands[:2]] == ["data", "features"] and commands[-1][:2] == ["eval", "--run"]
+    for argv in commands:
+        assert main(argv) == 0, argv
+    want, got = (json.loads((r / "results.json").read_text()) for r in (smoke_run, run))
+    assert got["arms"] == want["arms"]
+    assert got["caption_factors"] == want["caption_factors"]

@@ -14,7 +14,7 @@ from caredpo.retrieval.loss import info_nce
 from caredpo.retrieval.model import Retriever, RetrieverConfig
 from caredpo.retrieval.score import Scorer, evaluate, reference_captions, similarity_matrix
 from caredpo.retrieval.train import (RetrieverTrainConfig, draw_pairs, epoch_batches, preset, train_retriever,
-                                    twin_groups)
+                                    units_per_batch)
 
 COLOURS = ["red", "blue", "green", "yellow", "white", "black"]
 MOTIONS = ["left to right", "right to left", "upwards", "downwards"]
@@ -211,7 +211,7 @@ def test_caption_draws_never_leak_the_query():
     ref = reference_captions(ds, "test", seed=3)
     assert set(ref) == {v.id for v in ds.split("test")}
     assert all(ref[v] not in ds.queries[v] and ref[v] in ds.sentences_of(v) for v in ref)
-    groups = twin_groups(ds, train)
+    groups = ds.units(train)
     assert all(len(g) == 4 and len({ds.by_id[v].group for v in g}) == 1 for g in groups)
 
 
@@ -348,7 +348,7 @@ def test_fine_recipe_draws_discriminative_queries_and_mixes_generated_captions()
     ds = with_specificity(synthetic()[0])
     train = [v.id for v in ds.split("train")]
     pool = {v: [f"generated for {v}"] for v in train}
-    batches = epoch_batches(twin_groups(ds, train), 2, seed=0, epoch=0)
+    batches = epoch_batches(ds.units(train), units_per_batch(ds, train, 2), seed=0, epoch=0)
     assert all(len({ds.by_id[v].group for v in b}) == 2 and len(b) == 8 for b in batches)  # twins together
     cfg = RetrieverTrainConfig(query_sentences="specific", caption_sentences="specific", generated_caption_prob=0.25)
     rng, n_generated, n = random.Random(0), 0, 0

@@ -9,7 +9,27 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar
+
+T = TypeVar("T")
+
+# Twin groups. TwinClips puts 4 look-alike clips in a group (`Video.group`); each is the others'
+# hard negative, and stages that batch videos take whole groups so both directions of a twin pair
+# meet. A *work unit* is a whole twin group, or a lone video. The one rule for data without twin
+# groups (every real benchmark): each video is a unit of its own; its hard negatives are its
+# nearest videos by the retriever's video embedding (`caredpo.dpo.prefs.hard_negatives`), and the
+# retriever fills a batch with TWIN_GROUP_SIZE lone videos per twin group it would have taken.
+TWIN_GROUP_SIZE = 4  # clips per TwinClips twin group
+
+
+def work_units(items: Iterable[T], group_of: Callable[[T], Hashable | None]) -> list[list[T]]:
+    """Items by twin group in order of first appearance; an item whose group is None is a unit
+    alone (its own id never merges it with a group of the same name)."""
+    units: dict[tuple, list[T]] = {}
+    for i, item in enumerate(items):
+        g = group_of(item)
+        units.setdefault(("group", g) if g is not None else ("alone", i), []).append(item)
+    return list(units.values())
 
 
 class DataError(ValueError):
@@ -98,6 +118,19 @@ class Dataset:
     def queries_of(self, video_id: str) -> list[str]:
         """The evaluation queries of a video: its listed queries, else all its sentences."""
         return self.queries.get(video_id) or self.sentences_of(video_id)
+
+    def group_key(self, video_id: str) -> str:
+        """The name of a video's work unit: its twin group, else its own id (seeds, headings)."""
+        return self.by_id[video_id].group or video_id
+
+    def units(self, video_ids: Iterable[str]) -> list[list[str]]:
+        """Work units of these videos (see `work_units`): whole twin groups, lone videos alone."""
+        return work_units(video_ids, lambda v: self.by_id[v].group)
+
+    def has_twin_groups(self, video_ids: Iterable[str]) -> bool:
+        """True when every one of these videos is in a twin group (TwinClips); data with no or
+        only some groups takes the lone-video rule above."""
+        return all(self.by_id[v].group is not None for v in video_ids)
 
     def twins_of(self, video_id: str) -> list[str]:
         """Other videos of the same twin group (empty where the data set has no groups)."""

@@ -14,12 +14,12 @@ processes generates only the missing videos.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .. import dist
-from ..io import append_jsonl, merge_parts, numbered_jsonl, part_path, part_paths, read_jsonl
+from ..io import append_jsonl, merge_parts, numbered_jsonl, part_path, part_paths
 from ..records import DataError
 
 # a captions.jsonl line: {"video_id": str, "captions": [str, ...], "sampling": {...}}
@@ -28,10 +28,11 @@ CAPTION_FIELDS = {"video_id": str, "captions": list}
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    n: int = 1  # captions per video
+    # captions per video (under torchrun write --num-captions: torchrun claims --n)
+    n: int = field(default=1, metadata={"flags": ("--num-captions",)})
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # nucleus mass kept when sampling
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # longest caption, in tokens
     seed: int = 0  # video v samples with video_seed(seed, v)
     batch_videos: int = 16  # videos per generate call (the unit of resume and of sharding)
 
@@ -110,5 +111,24 @@ def _sample(model, feats, seeds: Sequence[int], sampling: SamplingConfig) -> lis
 
 
 def load_captions(path: str | Path) -> dict[str, list[str]]:
-    """video id -> captions, from a captions jsonl."""
-    return {row["video_id"]: row["captions"] for row in read_jsonl(path, CAPTION_FIELDS)}
+    """video id -> captions, from a captions jsonl (the one reader of generated captions: the
+    retrievers' pool, the twins' captions in the reward, the arms' captions in the evaluation).
+
+    Every line must hold a "video_id" string and a "captions" list of strings; another line fails
+    with one `DataError` "FILE:LINE: reason". Captions are kept as written, blank ones too: a
+    captioner that writes nothing for a video is what the retriever is trained and evaluated with."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: captions file not found")
+    out: dict[str, list[str]] = {}
+    for n, row in numbered_jsonl(path, CAPTION_FIELDS):
+        if not all(isinstance(c, str) for c in row["captions"]):
+            raise DataError(f'{path}:{n}: field "captions" must be a list of strings')
+        out.setdefault(row["video_id"], []).extend(row["captions"])
+    return out
+
+
+def first_captions(captions: dict[str, list[str]]) -> dict[str, str | None]:
+    """The first caption of each video (None where it has none): the one the evaluation and the
+    twins in the reward use."""
+    return {v: (caps[0] if caps else None) for v, caps in captions.items()}

@@ -82,10 +82,11 @@ def split_train_val(dataset: Dataset, ids_with_features, cfg: SFTConfig) -> tupl
         raise DataError(f"{dataset.root}: no training videos with features and sentences")
     if val or cfg.val_fraction == 0:
         return [v.id for v in train], val
-    groups = sorted({v.group or v.id for v in train})
+    groups = sorted({dataset.group_key(v.id) for v in train})
     random.Random(cfg.seed).shuffle(groups)
     held = set(groups[: max(1, round(cfg.val_fraction * len(groups)))]) if len(groups) > 1 else set()
-    return [v.id for v in train if (v.group or v.id) not in held], [v.id for v in train if (v.group or v.id) in held]
+    keys = {v.id: dataset.group_key(v.id) for v in train}
+    return [v for v, g in keys.items() if g not in held], [v for v, g in keys.items() if g in held]
 
 
 def batch_at(step: int, train_ids: list[str], sentences: dict[str, list[str]], cfg: SFTConfig):

@@ -1,8 +1,27 @@
-"""Helpers shared by the stage commands."""
+"""Helpers shared by the stage commands: the preset every command starts from, threads, loading."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
+
+import typer
+
+from ..records import DataError
+
+# Every stage command starts from the configs `caredpo run --preset P --seed S` uses; options override.
+PRESET = typer.Option("default", "--preset", help="smoke | default: the configs `caredpo run` uses; "
+                      "options given replace single fields.")
+SEED = typer.Option(0, "--seed", help="seed of the run (every config's seed follows from it, as in `caredpo run`)")
+THREADS = typer.Option(0, "--threads", help="torch threads (0: torch's default).")
+
+
+def preset_config(preset: str, seed: int):
+    """`run_config(preset, seed)`; an unknown preset is one line (DataError)."""
+    from ..pipeline.presets import PRESETS, run_config
+
+    if preset not in PRESETS:
+        raise DataError(f"--preset {preset!r}: choose one of {sorted(PRESETS)}")
+    return run_config(preset, seed)
 
 
 def set_threads(n: int) -> None:
@@ -26,8 +45,6 @@ def load_captioner(captioner: str | Path, model_path: Optional[Path] = None):
     """`--captioner FOLDER` (our captioner) or `--captioner hf --model-path PATH`: a Hugging Face
     video MLLM (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision; family from its config.json) from a local
     folder, or a folder `caredpo dpo` saved (base path + LoRA adapter)."""
-    import typer
-
     if str(captioner) == "hf":
         if model_path is None:
             raise typer.BadParameter("--captioner hf needs --model-path PATH (a local Hugging Face model folder)")

@@ -6,26 +6,27 @@ from typing import Optional
 
 import typer
 
-from ..records import DataError
+from ..data.twinclips import TwinClipsConfig
+from ..features import FeatureConfig
+from .common import PRESET, SEED, preset_config
+from .flags import NO_OVERRIDES, Overrides, config_flags
 
 # Option errors are raised as DataError: main() turns them into one line and exit code 2.
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Make and inspect data sets.")
 
 
 @app.command("twinclips")
+@config_flags(data=TwinClipsConfig)
 def twinclips(
     out: Path = typer.Option(..., "--out", help="Folder to write annotations.json and videos/ into."),
-    preset: str = typer.Option("smoke", "--preset", help="smoke (a few dozen clips) or default (hundreds)."),
-    seed: int = typer.Option(0, "--seed", help="Everything generated follows from this seed."),
+    preset: str = PRESET,
+    seed: int = SEED,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Generate the TwinClips data set (real mp4 files + MSR-VTT-shaped annotations)."""
-    from ..data.twinclips import TwinClipsConfig, generate_twinclips
+    from ..pipeline.stages import make_twinclips
 
-    try:
-        config = TwinClipsConfig.preset(preset, seed)
-    except (ValueError, KeyError) as e:
-        raise DataError(f"--preset {preset!r}: {str(e).strip(chr(39))}") from None
-    generate_twinclips(config, out)
+    make_twinclips(overrides.apply("data", preset_config(preset, seed).data), out)
     typer.echo(str(out))
 
 
@@ -43,30 +44,25 @@ def info(data: Path = typer.Option(..., "--data", help="Data folder (any support
         typer.echo(f"{ds.name} {split}: {len(vids)} videos, {n_sent} sentences, {n_query} queries")
 
 
+@config_flags(features=FeatureConfig)
 def features(
     data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Features folder (default: DATA/features)."),
-    frames: int = typer.Option(8, "--frames", help="Frames sampled per video."),
-    size: int = typer.Option(128, "--size", help="Frame side in pixels (>= 32)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Frames per CNN forward pass."),
-    workers: int = typer.Option(1, "--workers", help="Decoding threads running alongside the CNN."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="List unreadable videos in skipped.jsonl instead of stopping."),
     format: str = typer.Option("auto", "--format", help="Data format (auto-detected by default)."),
+    preset: str = PRESET,
+    seed: int = SEED,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Frozen EfficientNet-Lite0 features of every video (resumable; reuses a finished cache)."""
     from ..data import load_dataset
-    from ..features import FeatureConfig, FeatureStore, extract_features
+    from ..pipeline.stages import make_features
 
-    try:
-        config = FeatureConfig(num_frames=frames, size=size, batch_size=batch_size, decode_workers=workers)
-    except ValueError as e:
-        raise DataError(f"bad option: {e}") from None
-    dataset = load_dataset(data, format)
-    path = extract_features(dataset, out or Path(data) / "features", config, skip_bad=skip_bad)
-    store = FeatureStore.load(path)
-    skipped = len(store.meta.get("skipped", []))
-    note = f", {skipped} skipped (see {path / 'skipped.jsonl'})" if skipped else ""
-    typer.echo(f"{path}: {len(store.ids)} videos x {store.num_frames} frames{note}")
+    config = overrides.apply("features", preset_config(preset, seed).features)
+    path = out or Path(data) / "features"
+    done = make_features(load_dataset(data, format), path, config, skip_bad=skip_bad)
+    note = f", {done['skipped']} skipped (see {path / 'skipped.jsonl'})" if done["skipped"] else ""
+    typer.echo(f"{path}: {done['videos']} videos x {config.num_frames} frames{note}")
 
 
 def register(root: typer.Typer) -> None:

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .common import load_data, set_threads
+from ..records import DataError
+from ..retrieval.train import RetrieverTrainConfig
+from .common import PRESET, SEED, THREADS, load_data, preset_config, set_threads
+from .flags import NO_OVERRIDES, Overrides, config_flags
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train the role-embedding retriever.")
 
@@ -16,56 +18,39 @@ REFERENCE = "reference"  # --captions value: oracle reference captions (never th
 
 
 @app.command("train")
+@config_flags(exclude=("retriever.model.use_caption", "retriever.model.role_embeddings"),
+              retriever=RetrieverTrainConfig)
 def train(
     data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
     features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
     out: Path = typer.Option(..., "--out", help="Run folder: log.jsonl, checkpoint/, model/, metrics.json."),
-    preset: str = typer.Option("default", "--preset", help="default (MiniLM, the fine-grained recipe), default-uniform (the recipe before it) or smoke (tiny random encoder)."),
     variant: str = typer.Option("caption_role", "--variant", help="no_caption, caption or caption_role."),
-    pooling: str = typer.Option("mean", "--video-pooling", help="mean (one video token) or sequence (one per frame)."),
     captions: Optional[Path] = typer.Option(None, "--captions", help="Generated captions.jsonl added to the caption draws."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the preset's epochs."),
-    batch_groups: Optional[int] = typer.Option(None, "--batch-groups", help="Twin groups per batch."),
-    train_layers: Optional[int] = typer.Option(None, "--train-layers", help="Top encoder layers that train (-1: all)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Encoder learning rate."),
-    max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0: epochs decide)."),
-    eval_every: int = typer.Option(0, "--eval-every", help="Steps between evaluations (0: at the end)."),
-    save_every: int = typer.Option(50, "--save-every", help="Steps between checkpoints (0: at the end)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
-    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint (a finished one is kept)."),
+    preset: str = PRESET,
+    seed: int = SEED,
+    threads: int = THREADS,
+    overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     """Train the retriever on a data set's train split; evaluates on the test split at the end.
     Under `torchrun --nproc_per_node=N` data-parallel (same result; rank 0 writes)."""
     from .. import dist
+    from ..pipeline.stages import train_one_retriever
     from ..progress import console
-    from ..retrieval.train import load_caption_pool, preset as make_preset, train_retriever
 
     set_threads(threads)
-    cfg = _train_config(make_preset, preset, variant, pooling, seed, epochs=epochs, batch_groups=batch_groups,
-                        lr=lr, max_steps=max_steps, eval_every=eval_every, save_every=save_every,
-                        train_layers=train_layers, device=device)
+    try:
+        base = preset_config(preset, seed).retriever_variant(variant)
+    except ValueError as e:
+        raise DataError(f"--variant: {e}") from None
+    cfg = overrides.apply("retriever", base)
     dataset, store = load_data(data, features)
-    pool = load_caption_pool(captions) if captions else None
-    log = console().print
     with dist.session():
-        _, metrics = train_retriever(cfg, dataset, store, out, caption_pool=pool, resume=resume, log=log)
+        metrics = train_one_retriever(cfg, dataset, store, out, captions, resume=resume, log=console().print)
         main = dist.is_main()
     if main:
         _print_table({cfg.model.variant: metrics})
         typer.echo(str(out / "model"))
-
-
-def _train_config(make_preset, preset: str, variant: str, pooling: str, seed: int, train_layers, **kw):
-    try:
-        cfg = make_preset(preset)
-        model = cfg.model.with_variant(variant)
-        model = replace(model, video_pooling=pooling, seed=seed,
-                        **({} if train_layers is None else {"train_layers": train_layers}))
-        return replace(cfg, model=model, seed=seed, **{k: v for k, v in kw.items() if v is not None})
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
 
 
 def evaluate_cmd(
@@ -84,21 +69,22 @@ def evaluate_cmd(
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cuda."),
 ) -> None:
     """Retrieval metrics (t2v / v2t R@1/5/10, MdR, MnR, twin accuracy) of a model and caption set."""
+    from ..captioner.generate import first_captions, load_captions
     from ..io import write_json
     from ..retrieval.model import Retriever
     from ..retrieval.score import Scorer, evaluate, reference_captions
-    from ..retrieval.train import first_captions, load_caption_pool, read_queries
+    from ..retrieval.train import read_queries
 
     set_threads(threads)
     if run is not None:
-        return _evaluate_run(run, queries, out)
+        return _evaluate_run(run, queries, out, seed)
     if model is None or data is None:
         raise typer.BadParameter("give --run RUN_DIR, or both --model and --data")
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"{model}: no retriever here (expected config.json from save_pretrained)")
     dataset, store = load_data(data, features)
     q = read_queries(queries) if queries else None
-    caps = _captions(captions, dataset, split, seed, q, load_caption_pool, first_captions, reference_captions)
+    caps = _captions(captions, dataset, split, seed, q, load_captions, first_captions, reference_captions)
     retriever = Retriever.from_pretrained(model).to(device)
     result = evaluate(retriever, dataset, store, caps, split=split, queries=q, scorer=Scorer(retriever, batch_size))
     result.update(model=str(model), captions=captions or "none", queries=str(queries) if queries else "built-in")
@@ -108,17 +94,26 @@ def evaluate_cmd(
         typer.echo(str(out))
 
 
-def _evaluate_run(run: Path, queries: Optional[Path], out: Optional[Path]) -> None:
-    """Every caption arm x retriever of a finished run, on the built-in or the user's queries."""
-    from ..pipeline.report import evaluate_run, print_table
+def _evaluate_run(run: Path, queries: Optional[Path], out: Optional[Path], seed: int) -> None:
+    """Every caption arm x retriever of a run folder (`caredpo run`, or the stage commands writing
+    its layout), on the built-in or the user's queries. seed: the oracle's draw where the folder
+    has no run.json to say it."""
+    from ..data import load_dataset
+    from ..features import FeatureStore
+    from ..pipeline.layout import RunLayout
+    from ..pipeline.report import evaluate_run, print_table, run_seed
+    from ..pipeline.stages import TUNED_ARMS
     from ..retrieval.train import read_queries
 
-    if not (run / "stages" / "test_captions.json").exists():
-        raise FileNotFoundError(f"{run}: not a finished caredpo run (no stages/test_captions.json)")
-    dataset, store = load_data(run / "data", None)
+    layout = RunLayout.load(run)
+    missing = [str(p) for p in (layout.captions(arm, "test") for arm in TUNED_ARMS) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{run}: not a finished run (no test captions {', '.join(missing)})")
+    seed = run_seed(layout, seed)
+    dataset, store = load_dataset(layout.data), FeatureStore.load(layout.features)
     q = read_queries(queries) if queries else None
-    path = out or run / ("results_queries.json" if queries else "results.json")
-    arms = evaluate_run(run, dataset, store, q, out_path=path)
+    path = out or (layout.results_queries if queries else layout.results)
+    arms = evaluate_run(layout, dataset, store, q, out_path=path, seed=seed)
     print_table(arms, f"{run} — {'queries from ' + str(queries) if queries else 'built-in queries'}")
     typer.echo(str(path))
 

@@ -38,9 +38,10 @@ def run(
 def summary(runs: list[Path] = typer.Argument(..., help="finished run folders (one per seed)")) -> None:
     """Mean ± standard deviation over seeds of every arm's headline numbers."""
     from ..io import read_json
-    from ..pipeline.report import RESULTS, aggregate, aggregate_factors, print_factors, print_summary
+    from ..pipeline.layout import RunLayout
+    from ..pipeline.report import aggregate, aggregate_factors, print_factors, print_summary
 
-    results = [read_json(r / RESULTS) for r in runs]
+    results = [read_json(RunLayout.load(r).results) for r in runs]
     print_summary(aggregate([r["arms"] for r in results]), f"mean ± std over {len(runs)} run(s)")
     if all(r.get("caption_factors") for r in results):
         print_factors(aggregate_factors([r["caption_factors"] for r in results]),

@@ -15,17 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import dist
-from ..records import DataError
+from ..records import DataError, work_units
 from .config import DPOConfig
 from .loss import TERMS, dg_dpo_terms, pair_mask, weighted_sum
 from .stats import DPOStats, from_sums, weighted_sums
 
 FeatureFn = Callable[[Sequence[str]], Tensor]
-
-
-def group_key(row: dict) -> str:
-    """A preference row's twin group (a video without one is its own group)."""
-    return row.get("group") or f"\0{row['video_id']}"
 
 
 # ---------------------------------------------------------------- one batch
@@ -139,10 +134,8 @@ def _policy_logps(policy: nn.Module, features: FeatureFn, items: list[tuple]) ->
 
 def _local_rows(batch: Sequence[dict]) -> list[dict]:
     """This process's contiguous share of the batch's twin groups (whole groups, batch order)."""
-    groups: dict[str, list[dict]] = {}
-    for row in batch:
-        groups.setdefault(group_key(row), []).append(row)
-    mine = list(groups.values())[dist.shard_slice(len(groups))]
+    groups = work_units(batch, lambda row: row.get("group"))
+    mine = groups[dist.shard_slice(len(groups))]
     return [row for group in mine for row in group]
 
 

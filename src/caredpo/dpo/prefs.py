@@ -82,20 +82,12 @@ def hard_negatives(dataset: Dataset, video_ids: Sequence[str], embed: Callable[[
     torch up to `search.exact_max` videos, FAISS above (a `retrieval.search.SearchConfig`)."""
     from ..retrieval.search import SearchConfig, neighbours
 
-    if all(dataset.by_id[v].group is not None for v in video_ids):
+    if dataset.has_twin_groups(video_ids):
         return {v: dataset.twins_of(v) for v in video_ids}
     ids = list(video_ids)
     emb = torch.nn.functional.normalize(embed(ids), dim=-1)
     top = neighbours(emb, k, search or SearchConfig())
     return {v: [ids[j] for j in top[i].tolist()] for i, v in enumerate(ids)}
-
-
-def _units(dataset: Dataset, video_ids: Sequence[str]) -> list[list[str]]:
-    """Work units: whole twin groups where known (one batch, both directions), else single videos."""
-    by_group: dict[str, list[str]] = {}
-    for v in video_ids:
-        by_group.setdefault(dataset.by_id[v].group or v, []).append(v)
-    return list(by_group.values())
 
 
 def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str | Path,
@@ -122,7 +114,7 @@ def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str |
     parts = part_paths(path)
     sharded = dist.world_size() > 1 or bool(parts)  # shards left by a killed sharded run count too
     done = {row["video_id"] for p in [path, *parts] for row in read_jsonl(p)}
-    all_units = _units(dataset, vids)
+    all_units = dataset.units(vids)  # whole twin groups: one batch, both directions
     mine = all_units[dist.rank()::dist.world_size()]
     units = [u for u in mine if not set(u) <= done]
     target = part_path(path, dist.rank()) if sharded else path
@@ -152,7 +144,7 @@ def preference_videos(dataset: Dataset, config: PrefsConfig) -> list[str]:
     if not config.max_videos or len(vids) <= config.max_videos:
         return vids
     keep: list[str] = []
-    for unit in _units(dataset, vids):
+    for unit in dataset.units(vids):
         if len(keep) + len(unit) > config.max_videos:
             break
         keep += unit
@@ -162,7 +154,7 @@ def preference_videos(dataset: Dataset, config: PrefsConfig) -> list[str]:
 @torch.no_grad()
 def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config, visual) -> list[dict]:
     grid = visual(unit)  # [U, ...]: e.g. grid features [U, T, 4, C]
-    seed = config.seed * 1_000_003 + zlib.crc32((dataset.by_id[unit[0]].group or unit[0]).encode())
+    seed = config.seed * 1_000_003 + zlib.crc32(dataset.group_key(unit[0]).encode())
     samples = captioner.generate(grid, n=config.num_samples, temperature=config.temperature,
                                  top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=seed)
     rewards = [_rewards(scorer, dataset, store, v, samples[i], negatives[v], greedy, config)

@@ -35,11 +35,11 @@ from torch import nn
 
 from .. import dist
 from ..io import numbered_jsonl, read_jsonl, write_json
-from ..records import DataError
+from ..records import DataError, work_units
 from ..records import NonFiniteLossError  # noqa: F401  (still importable from here, as before dpo/config.py)
 from ..training import (CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin,
                         check_finite, clip_gradients, due, lr_schedule, restore_weights)
-from .batch import FeatureFn, batch_loss, group_key, shared_loss
+from .batch import FeatureFn, batch_loss, shared_loss
 from .config import DPOConfig
 from .stats import DPOStats
 
@@ -88,10 +88,7 @@ def _row_problem(row: dict) -> str | None:
 
 def twin_batches(rows: Sequence[dict], groups_per_batch: int, seed: int, epoch: int) -> list[list[int]]:
     """Row indices per step: groups in a seeded order (per epoch), whole groups per batch."""
-    groups: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(group_key(row), []).append(i)
-    order = list(groups.values())
+    order = work_units(range(len(rows)), lambda i: rows[i].get("group"))
     random.Random(f"{seed}:{epoch}").shuffle(order)
     return [sum(order[s:s + groups_per_batch], []) for s in range(0, len(order), groups_per_batch)]
 

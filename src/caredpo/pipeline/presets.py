@@ -58,9 +58,14 @@ class RunConfig:
                              f"have {self.features.colour_bins} ({self.features.colour_levels} levels a channel)")
 
     def retriever_config(self, name: str) -> RetrieverTrainConfig:
-        variant, pooling = RETRIEVERS[name]
-        model = replace(self.retriever.model.with_variant(variant), video_pooling=pooling,
-                        num_frames=self.features.num_frames)
+        """The retriever of a RETRIEVERS entry, as `caredpo run` trains it."""
+        return self.retriever_variant(*RETRIEVERS[name])
+
+    def retriever_variant(self, variant: str, pooling: str | None = None) -> RetrieverTrainConfig:
+        """The preset's retriever as a model variant (VARIANTS in retrieval/model.py) with a video
+        pooling (default: the preset's), sized to the features' frames, with the run's seed."""
+        model = replace(self.retriever.model.with_variant(variant), num_frames=self.features.num_frames,
+                        video_pooling=pooling or self.retriever.model.video_pooling)
         return replace(self.retriever, model=model, seed=self.seed)
 
     def to_dict(self) -> dict:

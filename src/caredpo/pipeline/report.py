@@ -13,6 +13,7 @@ from typing import Mapping
 
 from ..io import read_json, write_json
 from ..records import Dataset
+from .layout import RunLayout
 from .presets import CAPTION_ARMS
 
 # caption arm -> the retrievers it is evaluated with (the no-caption arm has its own retrievers)
@@ -23,48 +24,48 @@ ARM_RETRIEVERS: dict[str, tuple[str, ...]] = {
     "dg_dpo": ("role", "no_role", "role_seq"),
     "reference": ("role", "no_role"),
 }
-RESULTS = "results.json"
 
 
-def _run_seed(run: Path) -> int:
-    """The seed a run was made with (it fixes the oracle's caption draw); 0 without run.json."""
-    return read_json(run / "run.json").get("seed", 0) if (run / "run.json").exists() else 0
+def run_seed(layout: RunLayout, default: int = 0) -> int:
+    """The seed a run was made with (it fixes the oracle's caption draw); `default` without run.json
+    (a run folder filled by the stage commands)."""
+    return read_json(layout.run_json).get("seed", default) if layout.run_json.exists() else default
 
 
-def arm_captions(run: Path, arm: str, dataset: Dataset, seed: int,
+def arm_captions(layout: RunLayout, arm: str, dataset: Dataset, seed: int,
                  queries: Mapping[str, list[str]] | None = None) -> dict[str, str | None] | None:
     """video id -> the auxiliary caption this arm gives each test video (None: no caption)."""
-    from ..captioner.generate import load_captions
+    from ..captioner.generate import first_captions, load_captions
     from ..retrieval.score import reference_captions
 
     if arm == "no_caption":
         return None
     if arm == "reference":  # oracle: a reference sentence that is not the query
         return reference_captions(dataset, "test", seed=seed, queries=queries)
-    return {v: caps[0] for v, caps in load_captions(run / "captions" / f"{arm}_test.jsonl").items()}
+    return first_captions(load_captions(layout.captions(arm, "test")))
 
 
-def evaluate_run(run: str | Path, dataset: Dataset, store, queries: Mapping[str, list[str]] | None = None,
-                 out_path: str | Path | None = None) -> dict:
-    """Metrics of every (arm, retriever) pair; writes out_path (default run/results.json), keeping
-    the other keys (run metadata) of a file already there."""
+def evaluate_run(layout: RunLayout, dataset: Dataset, store, queries: Mapping[str, list[str]] | None = None,
+                 out_path: str | Path | None = None, seed: int | None = None) -> dict:
+    """Metrics of every (arm, retriever) pair; writes out_path (default RUN/results.json), keeping
+    the other keys (run metadata) of a file already there. seed: the oracle's draw (default: the
+    run's seed from run.json, else 0)."""
     from ..retrieval.model import Retriever
     from ..retrieval.score import Scorer, evaluate
 
-    run = Path(run)
-    seed = _run_seed(run)
+    seed = run_seed(layout) if seed is None else seed
     scorers: dict[str, Scorer] = {}  # one per retriever: its query vectors are cached across arms
     arms: dict[str, dict] = {}
     by_arm: dict[str, dict | None] = {}  # the captions each arm was evaluated with
     for arm in CAPTION_ARMS:
-        captions = by_arm[arm] = arm_captions(run, arm, dataset, seed, queries)
+        captions = by_arm[arm] = arm_captions(layout, arm, dataset, seed, queries)
         arms[arm] = {}
         for name in ARM_RETRIEVERS[arm]:
             if name not in scorers:
-                scorers[name] = Scorer(Retriever.from_pretrained(run / "retriever" / name / "model").eval())
+                scorers[name] = Scorer(Retriever.from_pretrained(layout.retriever_model(name)).eval())
             arms[arm][name] = evaluate(scorers[name].model, dataset, store, captions, "test", queries,
                                        scorer=scorers[name])
-    path = Path(out_path) if out_path else run / RESULTS
+    path = Path(out_path) if out_path else layout.results
     old = read_json(path) if path.exists() else {}
     results = {**old, "arms": arms, "queries": "custom" if queries else "built-in",
                "caption_factors": caption_factors(by_arm, dataset)}
@@ -142,7 +143,7 @@ def plot_r1(arms: Mapping[str, Mapping[str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_dpo_curves(run: Path, path: Path) -> None:
+def plot_dpo_curves(layout: RunLayout, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +153,7 @@ def plot_dpo_curves(run: Path, path: Path) -> None:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     for arm in ("dpo", "dg_dpo"):
-        log = read_stats(run / "captioner" / arm) if (run / "captioner" / arm).exists() else []
+        log = read_stats(layout.captioner(arm)) if layout.captioner(arm).exists() else []
         steps = [step for step, _ in log]
         ax_loss.plot(steps, [s.loss for _, s in log], label=arm)
         ax_acc.plot(steps, [s.reward_acc for _, s in log], label=arm)
@@ -164,17 +165,15 @@ def plot_dpo_curves(run: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def write_caption_examples(run: Path, dataset: Dataset, path: Path, n_groups: int = 3) -> None:
+def write_caption_examples(layout: RunLayout, dataset: Dataset, path: Path, n_groups: int = 3) -> None:
     """captions.md: for whole twin groups of test clips, the factors and every arm's caption."""
-    seed = _run_seed(run)
-    caps = {arm: arm_captions(run, arm, dataset, seed) for arm in ("sft", "dpo", "dg_dpo", "reference")}
-    groups: dict[str, list] = {}
-    for v in dataset.split("test"):
-        groups.setdefault(v.group or v.id, []).append(v)
+    seed = run_seed(layout)
+    caps = {arm: arm_captions(layout, arm, dataset, seed) for arm in ("sft", "dpo", "dg_dpo", "reference")}
+    units = dataset.units(v.id for v in dataset.split("test"))
     lines = ["# Caption examples per arm (test clips, whole twin groups)", ""]
-    for gid, videos in list(groups.items())[:n_groups]:
-        lines += [f"## twin group {gid}", ""]
-        for v in videos:
+    for unit in units[:n_groups]:
+        lines += [f"## twin group {dataset.group_key(unit[0])}", ""]
+        for v in map(dataset.by_id.get, unit):
             lines.append(f"**{v.id}** — factors: `{_factor_line(v.factors)}`  ")
             lines.append(f"query: _{dataset.queries_of(v.id)[0]}_  ")
             for arm, by_id in caps.items():

@@ -13,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from ..io import read_json, write_json
+from .layout import RunLayout
 from .presets import run_config
 from .stages import STAGES, RunContext
 
@@ -44,35 +45,35 @@ class RunLog:
 
 def run_pipeline(preset: str, seed: int, out: str | Path, only: list[str] | None = None) -> dict:
     """Run (or finish) the whole experiment in `out`; returns results.json's content."""
-    from .report import RESULTS, plot_dpo_curves, plot_r1, print_factors, print_table, write_caption_examples
+    from .report import plot_dpo_curves, plot_r1, print_factors, print_table, write_caption_examples
 
     config = run_config(preset, seed)
-    out = Path(out)
-    _check_same_config(out, config)
-    log = RunLog(out / "run.log")
-    ctx = RunContext(out=out, config=config, log=log)
+    layout = RunLayout.create(out)
+    _check_same_config(layout, config)
+    log = RunLog(layout.log)
+    ctx = RunContext(layout=layout, config=config, log=log)
     log(f"caredpo run: preset={preset} seed={seed} out={out}; precision: {_precisions(config)}")
     for i, (name, stage) in enumerate(STAGES.items(), 1):
         if only and name not in only:
             continue
         _run_stage(ctx, i, name, stage)
-    if not (out / "stages" / "evaluate.json").exists():
+    if not layout.marker("evaluate").exists():
         log("evaluation has not run yet (--only): no results table")
         return {}
-    results = read_json(out / RESULTS)
-    results["meta"] = _metadata(out, config)
-    write_json(out / RESULTS, results)
-    plot_r1(results["arms"], out / "r1_per_arm.png")
-    plot_dpo_curves(out, out / "dpo_curves.png")
-    write_caption_examples(out, ctx.dataset, out / "captions.md")
+    results = read_json(layout.results)
+    results["meta"] = _metadata(layout, config)
+    write_json(layout.results, results)
+    plot_r1(results["arms"], layout.r1_plot)
+    plot_dpo_curves(layout, layout.dpo_plot)
+    write_caption_examples(layout, ctx.dataset, layout.caption_examples)
     print_table(results["arms"], f"CaRe-DPO on TwinClips ({preset}, seed {seed}) — test split")
     print_factors(results.get("caption_factors", {}), "test captions stating each clip factor right (%)")
-    log(f"done: {out / RESULTS}, plots and captions.md written")
+    log(f"done: {layout.results}, plots and captions.md written")
     return results
 
 
 def _run_stage(ctx: RunContext, i: int, name: str, stage) -> None:
-    marker = ctx.out / "stages" / f"{name}.json"
+    marker = ctx.layout.marker(name)
     if marker.exists():
         ctx.log(f"stage {i}/{len(STAGES)} {name}: done earlier, skipped")
         return
@@ -84,11 +85,11 @@ def _run_stage(ctx: RunContext, i: int, name: str, stage) -> None:
     ctx.log(f"stage {i}/{len(STAGES)} {name}: finished in {seconds:.1f} s")
 
 
-def _check_same_config(out: Path, config) -> None:
+def _check_same_config(layout: RunLayout, config) -> None:
     """A run folder belongs to one configuration: resuming with another would mix results."""
     from ..records import DataError
 
-    path = out / "run.json"
+    path = layout.run_json
     if path.exists():
         old = read_json(path)
         if old.get("config") != _jsonable(config.to_dict()):
@@ -104,8 +105,8 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj))
 
 
-def _metadata(out: Path, config) -> dict:
-    stages = {p.stem: read_json(p) for p in sorted((out / "stages").glob("*.json"))}
+def _metadata(layout: RunLayout, config) -> dict:
+    stages = {p.stem: read_json(p) for p in layout.markers()}
     return {
         "preset": config.preset, "seed": config.seed,
         "stage_seconds": {k: v["seconds"] for k, v in stages.items()},

@@ -1,177 +1,219 @@
-"""The stages of `caredpo run`, in order. Each reads earlier stages' files from the run folder,
-writes its own, resumes its own interrupted work, and returns a small dict for its marker.
+"""The stages, each written once: `caredpo run` calls them through `STAGES` (paths from the run
+folder's `RunLayout`, configs from the preset) and every stage command (`caredpo features`,
+`captioner sft`, ...) calls the same function with the paths and the preset + options it was given.
+So a stage command with `--preset P --seed S` writes what `caredpo run --preset P --seed S` does.
 
-    run/data/                   TwinClips mp4s + annotations.json, features/
-    run/captioner/sft/          SFT captioner (model/, log)       -> pi_ref of both DPO arms
-    run/captions/sft_train.jsonl  greedy captions of training videos
-    run/retriever/<name>/       one retriever per RETRIEVERS entry
-    run/prefs/groups.jsonl      preference groups with reference log-probs
-    run/captioner/{dpo,dg_dpo}/ tuned captioners (model/, metrics.jsonl)
-    run/captions/<arm>_test.jsonl greedy captions of test videos per caption arm
-    run/results.json            the comparison (written by caredpo.pipeline.report)
+Each stage resumes its own interrupted work. The `STAGES` entries return a small dict for the
+stage's marker (RUN/stages/<name>.json).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from ..records import Dataset
+from ..records import DataError, Dataset
+from .layout import RunLayout
 from .presets import RETRIEVERS, RunConfig
 
 TUNED_ARMS = ("sft", "dpo", "dg_dpo")  # caption arms written by a captioner of ours
+ROLE_RETRIEVER = "role"  # the retriever whose scores are the preference stage's reward
 
+
+# ---- the stage functions (one path for the pipeline and the stage commands) ---------------------
+
+def make_twinclips(config, out: Path) -> dict:
+    """Generate TwinClips (a `TwinClipsConfig`) into `out`: mp4s + annotations.json."""
+    from ..data import load_dataset
+    from ..data.twinclips import generate_twinclips
+
+    generate_twinclips(config, out)
+    dataset = load_dataset(out)
+    return {"videos": len(dataset.videos), "sentences": len(dataset.sentences)}
+
+
+def make_features(dataset: Dataset, out: Path, config, skip_bad: bool = False) -> dict:
+    """Frozen frame features (a `FeatureConfig`) of every video into `out`; with skip_bad an
+    unreadable video is listed in out/skipped.jsonl instead of stopping the stage."""
+    from ..features import FeatureStore, extract_features
+
+    store = FeatureStore.load(extract_features(dataset, out, config, skip_bad=skip_bad))
+    return {"videos": len(store.ids), "skipped": len(store.meta.get("skipped", []))}
+
+
+def train_captioner(dataset: Dataset, store, out: Path, captioner, sft, resume: bool,
+                    log: Callable[[str], None] = print) -> dict:
+    """Projector alignment + SFT of a new captioner (`CaptionerConfig`, `SFTConfig`) into `out`."""
+    from ..captioner.model import VideoCaptioner
+    from ..captioner.sft import train_sft
+
+    return train_sft(VideoCaptioner(captioner), dataset, store, out, sft, resume=resume, log=log)
+
+
+def split_ids(dataset: Dataset, store, split: str) -> list[str]:
+    """Videos of a split ("all": every split) that have features (store None: all of them)."""
+    videos = dataset.videos if split == "all" else dataset.split(split)
+    ids = [v.id for v in videos if store is None or v.id in store]
+    if not ids:
+        raise DataError(f"{dataset.root}: no videos {'' if store is None else 'with features '}in split {split!r}")
+    return ids
+
+
+def write_captions(captioner, store, ids: list[str], out: Path, sampling, visual=None) -> Path:
+    """Captions (`SamplingConfig`) of `ids` into the jsonl `out`; resumes, shards under torchrun."""
+    from ..captioner.generate import generate_captions
+
+    return generate_captions(captioner, store, ids, out, sampling, visual=visual)
+
+
+def model_dir(path: Path) -> Path:
+    """A stage's output folder holding model/ (what from_pretrained reads), or that folder itself."""
+    return path / "model" if (path / "model" / "config.json").exists() else path
+
+
+def train_one_retriever(config, dataset: Dataset, store, out: Path, captions: Path | None, resume: bool,
+                        log: Callable[[str], None] | None = None) -> dict:
+    """Train a retriever (`RetrieverTrainConfig`) into `out`; `captions`: generated captions of the
+    training videos (a captions jsonl) added to the auxiliary-caption draws. A finished one is kept."""
+    from ..captioner.generate import load_captions
+    from ..io import read_json
+    from ..retrieval.train import train_retriever
+
+    if resume and (out / "metrics.json").exists() and (out / "model" / "config.json").exists():
+        return read_json(out / "metrics.json")  # finished earlier
+    pool = load_captions(captions) if captions is not None else None
+    _, metrics = train_retriever(config, dataset, store, out, caption_pool=pool, resume=resume, log=log)
+    return metrics
+
+
+def build_prefs(captioner, retriever: Path, dataset: Dataset, store, out: Path, train_captions: Path,
+                config, visual=None) -> dict:
+    """Preference groups (`PrefsConfig`): K samples of `captioner` (= pi_ref) per training video,
+    rewarded by the retriever in `retriever`; the twins carry their captions from `train_captions`."""
+    from ..captioner.generate import first_captions, load_captions
+    from ..dpo.prefs import build_preferences, summarize
+    from ..io import read_jsonl
+    from ..retrieval.model import Retriever
+    from ..retrieval.score import Scorer
+
+    greedy = first_captions(load_captions(train_captions))
+    scorer = Scorer(Retriever.from_pretrained(model_dir(retriever)).eval())
+    path = build_preferences(captioner, scorer, dataset, store, out, greedy, config, visual=visual)
+    return summarize(list(read_jsonl(path)), dataset)
+
+
+def tune_captioner(policy, groups: Path, features, out: Path, config, resume: bool) -> dict:
+    """DG-DPO or plain DPO (`DPOConfig.mode`) of `policy` (the SFT captioner) on the preference
+    groups; the tuned captioner is saved to out/model once training finished (rank 0)."""
+    from .. import dist
+    from ..dpo.train import train_dpo
+
+    if hasattr(policy, "set_trainable"):
+        policy.set_trainable()  # projector + LoRA train; the base LM stays frozen
+    summary = train_dpo(policy, groups, features, out, config, resume=resume)
+    if dist.is_main() and summary["finished"] and hasattr(policy, "save_pretrained"):
+        policy.save_pretrained(out / "model")
+    return summary
+
+
+# ---- `caredpo run`: the stages over one run folder ----------------------------------------------
 
 @dataclass
 class RunContext:
-    out: Path
+    layout: RunLayout
     config: RunConfig
     log: Callable[[str], None] = print
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def data_dir(self) -> Path:
-        return self.out / "data"
 
     @cached_property
     def dataset(self) -> Dataset:
         from ..data import load_dataset
 
-        return load_dataset(self.data_dir)
+        return load_dataset(self.layout.data)
 
     @cached_property
     def store(self):
         from ..features import FeatureStore
 
-        return FeatureStore.load(self.data_dir / "features")
-
-    def ids(self, split: str) -> list[str]:
-        have = set(self.store.ids)
-        return [v.id for v in self.dataset.split(split) if v.id in have]
+        return FeatureStore.load(self.layout.features)
 
     def captioner(self, arm: str):
         from ..captioner.model import VideoCaptioner
 
-        return VideoCaptioner.from_pretrained(self.out / "captioner" / arm / "model").eval()
-
-    def retriever(self, name: str):
-        from ..retrieval.model import Retriever
-
-        return Retriever.from_pretrained(self.out / "retriever" / name / "model").eval()
-
-    def captions_file(self, arm: str, split: str) -> Path:
-        return self.out / "captions" / f"{arm}_{split}.jsonl"
+        return VideoCaptioner.from_pretrained(self.layout.captioner_model(arm)).eval()
 
 
-def stage_data(ctx: RunContext) -> dict:
-    from ..data.twinclips import generate_twinclips
-
-    generate_twinclips(ctx.config.data, ctx.data_dir)
-    return {"videos": len(ctx.dataset.videos), "sentences": len(ctx.dataset.sentences)}
+def _data(ctx: RunContext) -> dict:
+    return make_twinclips(ctx.config.data, ctx.layout.data)
 
 
-def stage_features(ctx: RunContext) -> dict:
-    from ..features import extract_features
-
-    extract_features(ctx.dataset, ctx.data_dir / "features", ctx.config.features)
-    return {"videos": len(ctx.store.ids)}
+def _features(ctx: RunContext) -> dict:
+    return make_features(ctx.dataset, ctx.layout.features, ctx.config.features)
 
 
-def stage_sft(ctx: RunContext) -> dict:
-    from ..captioner.model import VideoCaptioner
-    from ..captioner.sft import train_sft
-
-    model = VideoCaptioner(ctx.config.captioner)
-    out = ctx.out / "captioner" / "sft"
-    result = train_sft(model, ctx.dataset, ctx.store, out, ctx.config.sft, resume=True, log=ctx.log)
+def _sft(ctx: RunContext) -> dict:
+    result = train_captioner(ctx.dataset, ctx.store, ctx.layout.captioner("sft"), ctx.config.captioner,
+                             ctx.config.sft, resume=True, log=ctx.log)
     return {"final_val_loss": result.get("final_val_loss")}
 
 
-def stage_train_captions(ctx: RunContext) -> dict:
+def _train_captions(ctx: RunContext) -> dict:
     """Greedy SFT captions of every training video: the retrievers draw auxiliary captions from
     them (generated_caption_prob), and the twins carry them in the preference stage's reward."""
-    from ..captioner.generate import generate_captions
-
-    ids = ctx.ids("train")
-    generate_captions(ctx.captioner("sft"), ctx.store, ids, ctx.captions_file("sft", "train"),
-                      ctx.config.train_captions)
+    ids = split_ids(ctx.dataset, ctx.store, "train")
+    write_captions(ctx.captioner("sft"), ctx.store, ids, ctx.layout.captions("sft", "train"), ctx.config.train_captions)
     return {"videos": len(ids)}
 
 
-def stage_retrievers(ctx: RunContext) -> dict:
-    from ..captioner.generate import load_captions
-    from ..retrieval.train import train_retriever
-
-    pool = load_captions(ctx.captions_file("sft", "train"))
+def _retrievers(ctx: RunContext) -> dict:
     done = {}
     for name in RETRIEVERS:
-        out = ctx.out / "retriever" / name
-        if (out / "metrics.json").exists() and (out / "model" / "config.json").exists():
-            continue  # finished in an earlier, interrupted run
-        cfg = ctx.config.retriever_config(name)
-        _, metrics = train_retriever(cfg, ctx.dataset, ctx.store, out, caption_pool=pool, resume=True,
-                                     log=ctx.log)
+        metrics = train_one_retriever(ctx.config.retriever_config(name), ctx.dataset, ctx.store,
+                                      ctx.layout.retriever(name), ctx.layout.captions("sft", "train"),
+                                      resume=True, log=ctx.log)
         done[name] = metrics.get("t2v", {}).get("R1")
     return {"monitored_t2v_R1": done}
 
 
-def stage_prefs(ctx: RunContext) -> dict:
-    from ..captioner.generate import load_captions
-    from ..dpo.prefs import build_preferences, summarize
-    from ..io import read_jsonl
-    from ..retrieval.score import Scorer
-
-    greedy = {v: caps[0] for v, caps in load_captions(ctx.captions_file("sft", "train")).items()}
-    path = build_preferences(ctx.captioner("sft"), Scorer(ctx.retriever("role")), ctx.dataset, ctx.store,
-                             ctx.out / "prefs", greedy, ctx.config.prefs)
-    return summarize(list(read_jsonl(path)), ctx.dataset)
+def _prefs(ctx: RunContext) -> dict:
+    return build_prefs(ctx.captioner("sft"), ctx.layout.retriever(ROLE_RETRIEVER), ctx.dataset, ctx.store,
+                       ctx.layout.prefs, ctx.layout.captions("sft", "train"), ctx.config.prefs)
 
 
-def _stage_policy(arm: str) -> Callable[[RunContext], dict]:
+def _policy(arm: str) -> Callable[[RunContext], dict]:
     def stage(ctx: RunContext) -> dict:
-        from ..dpo.train import CHECKPOINT, train_dpo
-
-        out = ctx.out / "captioner" / arm
-        policy = ctx.captioner("sft")
-        policy.set_trainable()  # projector + LoRA train; the base LM stays frozen
-        config = getattr(ctx.config, arm)
-        stats = train_dpo(policy, ctx.out / "prefs" / "groups.jsonl", ctx.store.grid_feats, out, config,
-                          resume=(out / CHECKPOINT).exists())
-        policy.save_pretrained(out / "model")
+        stats = tune_captioner(ctx.captioner("sft"), ctx.layout.groups, ctx.store.grid_feats,
+                               ctx.layout.captioner(arm), getattr(ctx.config, arm), resume=True)
         return {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
 
     stage.__name__ = f"stage_{arm}"
     return stage
 
 
-def stage_test_captions(ctx: RunContext) -> dict:
-    from ..captioner.generate import generate_captions
-
-    ids = ctx.ids("test")
+def _test_captions(ctx: RunContext) -> dict:
+    ids = split_ids(ctx.dataset, ctx.store, "test")
     for arm in TUNED_ARMS:
-        generate_captions(ctx.captioner(arm), ctx.store, ids, ctx.captions_file(arm, "test"),
-                          ctx.config.test_captions)
+        write_captions(ctx.captioner(arm), ctx.store, ids, ctx.layout.captions(arm, "test"), ctx.config.test_captions)
     return {"videos": len(ids), "arms": list(TUNED_ARMS)}
 
 
-def stage_evaluate(ctx: RunContext) -> dict:
+def _evaluate(ctx: RunContext) -> dict:
     from .report import evaluate_run
 
-    results = evaluate_run(ctx.out, ctx.dataset, ctx.store)
+    results = evaluate_run(ctx.layout, ctx.dataset, ctx.store, seed=ctx.config.seed)
     return {"arms": sorted(results)}
 
 
 # name -> stage, in run order
 STAGES: dict[str, Callable[[RunContext], dict]] = {
-    "data": stage_data,
-    "features": stage_features,
-    "sft": stage_sft,
-    "train_captions": stage_train_captions,
-    "retrievers": stage_retrievers,
-    "prefs": stage_prefs,
-    "dpo": _stage_policy("dpo"),
-    "dg_dpo": _stage_policy("dg_dpo"),
-    "test_captions": stage_test_captions,
-    "evaluate": stage_evaluate,
+    "data": _data,
+    "features": _features,
+    "sft": _sft,
+    "train_captions": _train_captions,
+    "retrievers": _retrievers,
+    "prefs": _prefs,
+    "dpo": _policy("dpo"),
+    "dg_dpo": _policy("dg_dpo"),
+    "test_captions": _test_captions,
+    "evaluate": _evaluate,
 }

@@ -108,6 +108,7 @@ def twin_accuracy(similarity: Any, query_to_video: Any, groups: Sequence[Hashabl
 
 
 def group_codes(groups: Sequence[Hashable | None]) -> torch.Tensor:
+    """[V] int code of each video's twin group (`Video.group`), -1 for a lone video."""
     table: dict[Hashable, int] = {}
     codes = [-1 if g is None else table.setdefault(g, len(table)) for g in groups]
     return torch.tensor(codes, dtype=torch.long)

@@ -26,7 +26,7 @@ import torch
 
 from .. import dist
 from ..io import read_json, write_json
-from ..records import SENTENCE_POOLS, DataError, Dataset, check_pool
+from ..records import SENTENCE_POOLS, TWIN_GROUP_SIZE, DataError, Dataset, check_pool
 from ..training import (CONFIG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin, check_finite, clip_gradients, due,
                         lr_schedule, restore_weights)
 from .loss import info_nce
@@ -40,7 +40,9 @@ HINT = "Lower the learning rates (lr, head_lr)."
 class RetrieverTrainConfig:
     model: RetrieverConfig = field(default_factory=RetrieverConfig)  # architecture and variant
     epochs: int = 4  # passes over the training videos (one query per video per pass)
-    batch_groups: int = 8  # twin groups per batch (8 x 4 clips = 32 pairs); twins are the hard negatives
+    # twin groups per batch (8 x 4 clips = 32 pairs; twins are the hard negatives); on data without
+    # twin groups 4 lone videos per group (records.TWIN_GROUP_SIZE)
+    batch_groups: int = 8
     lr: float = 5e-5  # AdamW lr of the pretrained encoder layers that train
     head_lr: float = 1e-3  # AdamW lr of the new parts: video projection, role table, frame positions, scale
     weight_decay: float = 0.01
@@ -115,21 +117,18 @@ def preset(name: str, **overrides: Any) -> RetrieverTrainConfig:
 
 # ---- data ------------------------------------------------------------------------------------
 
-def twin_groups(dataset: Dataset, video_ids: Sequence[str]) -> list[list[str]]:
-    """Video ids by twin group, in data order; videos without a group form groups of 4 in order."""
-    groups: dict[Any, list[str]] = {}
-    loose: list[str] = []
-    for v in video_ids:
-        g = dataset.by_id[v].group
-        (groups.setdefault(g, []) if g is not None else loose).append(v)
-    return list(groups.values()) + [loose[i : i + 4] for i in range(0, len(loose), 4)]
+def units_per_batch(dataset: Dataset, video_ids: Sequence[str], batch_groups: int) -> int:
+    """Work units (`Dataset.units`) in a batch: batch_groups twin groups, or, on data without twin
+    groups, TWIN_GROUP_SIZE lone videos for each (the batch keeps its size in videos)."""
+    return batch_groups if dataset.has_twin_groups(video_ids) else batch_groups * TWIN_GROUP_SIZE
 
 
-def epoch_batches(groups: list[list[str]], batch_groups: int, seed: int, epoch: int) -> list[list[str]]:
-    order = list(range(len(groups)))
+def epoch_batches(units: list[list[str]], per_batch: int, seed: int, epoch: int) -> list[list[str]]:
+    """Video ids per step of an epoch: the units in a seeded order, `per_batch` whole units a batch."""
+    order = list(range(len(units)))
     random.Random(f"{seed}-{epoch}").shuffle(order)
-    return [[v for g in order[i : i + batch_groups] for v in groups[g]]
-            for i in range(0, len(order), batch_groups)]
+    return [[v for g in order[i : i + per_batch] for v in units[g]]
+            for i in range(0, len(order), per_batch)]
 
 
 def draw_pairs(dataset: Dataset, batch: list[str], pool: Mapping[str, list[str]] | None,
@@ -249,8 +248,9 @@ def train_retriever(cfg: RetrieverTrainConfig, dataset: Dataset, features: Globa
     model, opt, sched, step = _start(cfg, Checkpoint(out), start)
     ids = _train_ids(dataset, features, cfg.train_split)
     feats = dict(zip(ids, features.global_feats(ids)))
-    groups = twin_groups(dataset, ids)
-    per_epoch = math.ceil(len(groups) / cfg.batch_groups)
+    groups = dataset.units(ids)
+    per_batch = units_per_batch(dataset, ids, cfg.batch_groups)
+    per_epoch = math.ceil(len(groups) / per_batch)
     total = cfg.max_steps or per_epoch * cfg.epochs
     if eval_captions is None and cfg.model.use_caption:
         eval_captions = reference_captions(dataset, cfg.eval_split, seed=cfg.seed)
@@ -258,7 +258,10 @@ def train_retriever(cfg: RetrieverTrainConfig, dataset: Dataset, features: Globa
     emit(f"retriever {cfg.model.variant} ({cfg.model.video_pooling} pooling): {len(ids)} videos, {len(groups)} groups, {total} steps"
          + (f", resuming at step {step}" if step else "")
          + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
-    metrics = _loop(cfg, model, (opt, sched), dataset, features, feats, groups, caption_pool, eval_captions,
+    def batches(epoch: int) -> list[list[str]]:
+        return epoch_batches(groups, per_batch, cfg.seed, epoch)
+
+    metrics = _loop(cfg, model, (opt, sched), dataset, features, feats, batches, caption_pool, eval_captions,
                     step, total, per_epoch, out, emit, progress and dist.is_main())
     if dist.is_main():
         model.save_pretrained(out / "model")
@@ -280,7 +283,7 @@ def _start(cfg: RetrieverTrainConfig, ckpt: Checkpoint, start: int | None):
     return model, opt, sched, start or 0
 
 
-def _loop(cfg, model, optim, dataset, features, feats, groups, pool, eval_captions, step, total,
+def _loop(cfg, model, optim, dataset, features, feats, batches, pool, eval_captions, step, total,
           per_epoch, out, emit, progress) -> dict:
     from ..progress import progress_bar
 
@@ -291,7 +294,7 @@ def _loop(cfg, model, optim, dataset, features, feats, groups, pool, eval_captio
         task = bar.add_task("retriever", total=total, completed=step, unit="step", loss="-")
         while step < total:
             epoch, k = divmod(step, per_epoch)
-            batch = epoch_batches(groups, cfg.batch_groups, cfg.seed, epoch)[k]
+            batch = batches(epoch)[k]
             rng = random.Random(f"{cfg.seed}-draw-{step}")
             queries, captions = draw_pairs(dataset, batch, pool, cfg, rng)
             loss = train_step(model, opt, sched, cfg, queries, torch.stack([feats[v] for v in batch]), captions,
@@ -326,22 +329,6 @@ class _NoBar:
         pass
 
 
-def load_caption_pool(path: str | Path) -> dict[str, list[str]]:
-    """{video id: [captions]} from a captioner captions.jsonl ({"video_id", "captions": [...]})."""
-    from ..captioner.generate import CAPTION_FIELDS
-    from ..io import read_jsonl
-
-    pool: dict[str, list[str]] = {}
-    for row in read_jsonl(path, CAPTION_FIELDS):
-        pool.setdefault(str(row["video_id"]), []).extend(str(c) for c in row["captions"] if str(c).strip())
-    return pool
-
-
-def first_captions(pool: Mapping[str, list[str]]) -> dict[str, str | None]:
-    """Evaluation captions: the first caption of each video."""
-    return {v: (caps[0] if caps else None) for v, caps in pool.items()}
-
-
 def read_queries(path: str | Path) -> dict[str, list[str]]:
     """--queries FILE.json: {video_id: [sentence, ...]} (a single string is one sentence)."""
     data = read_json(path)
@@ -356,5 +343,4 @@ def read_queries(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-__all__ = ["RetrieverTrainConfig", "preset", "train_retriever", "load_caption_pool", "first_captions",
-           "read_queries", "twin_groups", "draw_pairs"]
+__all__ = ["RetrieverTrainConfig", "preset", "train_retriever", "read_queries", "units_per_batch", "draw_pairs"]
