@@ -44,7 +44,7 @@ def variant_config(name: str, seed: int, device: str):
 
 def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) -> dict:
     from caredpo.captioner.generate import first_captions, load_captions
-    from caredpo.pipeline.layout import RunLayout
+    from caredpo.pipeline.layout import RunLayout, TrainerFiles
     from caredpo.retrieval.score import evaluate, reference_captions
     from caredpo.retrieval.train import train_retriever
 
@@ -55,7 +55,7 @@ def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) ->
     model, _ = train_retriever(cfg, dataset, store, out / name, caption_pool=pool, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t0
     sft = first_captions(load_captions(layout.captions("sft", "test")))
-    row = {"variant": name, "steps": json.loads((out / name / "metrics.json").read_text())["step"],
+    row = {"variant": name, "steps": json.loads(TrainerFiles(out / name).metrics.read_text())["step"],
            "seconds": round(seconds, 1)}
     for arm, caps in (("oracle", reference_captions(dataset, "test", seed=0)), ("sft", sft), ("none", None)):
         m = evaluate(model.eval(), dataset, store, caps, "test")

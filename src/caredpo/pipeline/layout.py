@@ -1,18 +1,23 @@
 """The run folder: every path a stage reads or writes, in one place.
 
     RUN/data/                        TwinClips mp4s + annotations.json (a generated run)
-    RUN/data/features/               cached frame features (RUN/features/ when --data DIR is given)
-    RUN/captioner/<arm>/             sft: the SFT captioner; dpo, dg_dpo: the tuned ones
+    RUN/data/features/               cached frame features (RUN/features/ for data on disk, below)
+    RUN/captioner/<arm>/             sft: the SFT captioner; dpo, dg_dpo: the tuned ones (a trainer's folder)
     RUN/captioner/<arm>/model/       what `VideoCaptioner.from_pretrained` reads
     RUN/captions/<arm>_<split>.jsonl greedy captions (sft_train: the retrievers' pool and the twins')
-    RUN/retriever/<name>/model/      one retriever per `presets.RETRIEVERS` entry
+    RUN/retriever/<name>/model/      one retriever per `presets.RETRIEVERS` entry (a trainer's folder)
     RUN/prefs/groups.jsonl           preference groups with reference log-probs
     RUN/stages/<stage>.json          a stage's marker: written when it finished
     RUN/run.json, run.log            the run's preset, seed, config and data folder; progress lines
     RUN/results.json                 the comparison (`report.evaluate_run`), plots, captions.md
 
-A run on a data set already on disk (`caredpo run --data DIR`) reads the data from DIR and writes
-nothing into it: its features go to RUN/features.
+A trainer's folder (`TrainerFiles`; the names are `caredpo.training`'s, which every trainer writes):
+
+    model/  log.jsonl (a row a step)  metrics.json (final numbers)  train_config.json  checkpoint/
+
+A layout over a data set already on disk (`RunLayout.create(RUN, data=DIR)`, or run.json's "data";
+`caredpo run` itself always generates TwinClips) reads the data from DIR and writes nothing into
+it: its features go to RUN/features.
 """
 from __future__ import annotations
 
@@ -20,8 +25,42 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import read_json
+from ..training import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, SUMMARY_FILE
 
 RUN_JSON = "run.json"
+MODEL_DIR = "model"  # a trainer's model, in the model's own format (`save_pretrained`)
+
+
+@dataclass(frozen=True)
+class TrainerFiles:
+    """The files a trainer (captioner SFT, retriever, DG-DPO) writes into its output folder."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL_DIR
+
+    @property
+    def log(self) -> Path:
+        return self.root / LOG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    @property
+    def finished(self) -> bool:
+        """True once the trainer wrote its final numbers and its model."""
+        return self.metrics.exists() and (self.model / "config.json").exists()
 
 
 @dataclass(frozen=True)
@@ -54,14 +93,20 @@ class RunLayout:
     def captioner(self, arm: str) -> Path:
         return self.root / "captioner" / arm
 
+    def captioner_files(self, arm: str) -> TrainerFiles:
+        return TrainerFiles(self.captioner(arm))
+
     def captioner_model(self, arm: str) -> Path:
-        return self.captioner(arm) / "model"
+        return self.captioner_files(arm).model
 
     def retriever(self, name: str) -> Path:
         return self.root / "retriever" / name
 
+    def retriever_files(self, name: str) -> TrainerFiles:
+        return TrainerFiles(self.retriever(name))
+
     def retriever_model(self, name: str) -> Path:
-        return self.retriever(name) / "model"
+        return self.retriever_files(name).model
 
     # ---- data products
     def captions(self, arm: str, split: str) -> Path:

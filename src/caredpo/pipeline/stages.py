@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..records import DataError, Dataset
-from .layout import RunLayout
+from .layout import RunLayout, TrainerFiles
 from .presets import RETRIEVERS, RunConfig
 
 TUNED_ARMS = ("sft", "dpo", "dg_dpo")  # caption arms written by a captioner of ours
@@ -69,7 +69,8 @@ def write_captions(captioner, store, ids: list[str], out: Path, sampling, visual
 
 def model_dir(path: Path) -> Path:
     """A stage's output folder holding model/ (what from_pretrained reads), or that folder itself."""
-    return path / "model" if (path / "model" / "config.json").exists() else path
+    model = TrainerFiles(path).model
+    return model if (model / "config.json").exists() else path
 
 
 def train_one_retriever(config, dataset: Dataset, store, out: Path, captions: Path | None, resume: bool,
@@ -80,8 +81,9 @@ def train_one_retriever(config, dataset: Dataset, store, out: Path, captions: Pa
     from ..io import read_json
     from ..retrieval.train import train_retriever
 
-    if resume and (out / "metrics.json").exists() and (out / "model" / "config.json").exists():
-        return read_json(out / "metrics.json")  # finished earlier
+    files = TrainerFiles(out)
+    if resume and files.finished:
+        return read_json(files.metrics)  # finished earlier
     pool = load_captions(captions) if captions is not None else None
     _, metrics = train_retriever(config, dataset, store, out, caption_pool=pool, resume=resume, log=log)
     return metrics
@@ -113,7 +115,7 @@ def tune_captioner(policy, groups: Path, features, out: Path, config, resume: bo
         policy.set_trainable()  # projector + LoRA train; the base LM stays frozen
     summary = train_dpo(policy, groups, features, out, config, resume=resume)
     if dist.is_main() and summary["finished"] and hasattr(policy, "save_pretrained"):
-        policy.save_pretrained(out / "model")
+        policy.save_pretrained(TrainerFiles(out).model)
     return summary
 
 
