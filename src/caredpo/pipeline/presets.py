@@ -12,10 +12,9 @@ from ..captioner.generate import SamplingConfig
 from ..captioner.model import CaptionerConfig
 from ..captioner.sft import SFTConfig
 from ..data.twinclips import TwinClipsConfig
-from ..dpo.prefs import PrefsConfig
 from ..dpo.config import DPOConfig
+from ..dpo.prefs import PrefsConfig
 from ..features import FeatureConfig
-from ..retrieval.model import RetrieverConfig
 from ..retrieval.train import RetrieverTrainConfig
 from ..retrieval.train import preset as retriever_preset
 
