@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from caredpo.cli import main
-from caredpo.pipeline.presets import CAPTION_ARMS
+from caredpo.dpo.train import read_stats
+from caredpo.pipeline.layout import RunLayout
+from caredpo.pipeline.presets import CAPTION_ARMS, RETRIEVERS
 from caredpo.pipeline.report import ARM_RETRIEVERS
 from caredpo.pipeline.stages import STAGES
 
@@ -60,6 +62,20 @@ def test_outputs_for_people(smoke_run):
     md = (smoke_run / "captions.md").read_text()
     assert "factors:" in md and "- dg_dpo:" in md and "- reference:" in md
     assert "stage 10/10 evaluate: finished" in (smoke_run / "run.log").read_text()
+
+
+def test_trainer_folders_hold_the_files_the_layout_names(smoke_run):
+    """Every trainer of the run (SFT, both DPO arms, each retriever) wrote the files `RunLayout`
+    names for it (`caredpo.training`'s names), and the DPO log is what the curves plot reads."""
+    layout = RunLayout.load(smoke_run)
+    folders = [layout.captioner_files(arm) for arm in ("sft", "dpo", "dg_dpo")]
+    folders += [layout.retriever_files(name) for name in RETRIEVERS]
+    for files in folders:
+        assert files.finished and files.log.exists() and files.config.exists(), files.root
+        assert (files.checkpoint / "state.json").exists(), files.root
+    for arm in ("dpo", "dg_dpo"):
+        steps = [step for step, _ in read_stats(layout.captioner(arm))]
+        assert steps and steps == sorted(steps)
 
 
 def test_second_run_reuses_every_stage(smoke_run, capsys):

@@ -43,7 +43,7 @@ from .batch import FeatureFn, batch_loss, shared_loss
 from .config import DPOConfig
 from .stats import DPOStats
 
-CHECKPOINT = CHECKPOINT_DIR  # out_dir/CHECKPOINT exists once a run has saved (the pipeline resumes on it)
+CHECKPOINT = CHECKPOINT_DIR  # out_dir/CHECKPOINT exists once a run has saved (`resume=True` continues from it)
 HINT = "Lower the learning rate or beta, or check the reference log-probs in the preference file."
 
 
