@@ -339,7 +339,7 @@ def test_cli_dpo_then_generate_with_hf(folders, tmp_path, mp4_factory):
     assert first["loss_caption"] == pytest.approx(math.log(2), abs=1e-4)
     out = tmp_path / "caps.jsonl"
     assert main(["captioner", "generate", "--captioner", "hf", "--model-path", str(tmp_path / "dpo" / "model"),
-                 "--data", str(data), "--split", "train", "--out", str(out), "--max-new-tokens", "4"]) == 0
+                 "--data", str(data), "--split", "all", "--out", str(out), "--max-new-tokens", "4"]) == 0
     assert [r["video_id"] for r in read_jsonl(out)] == ["v0", "v1", "v2", "v3"]
     assert main(["captioner", "generate", "--captioner", "hf", "--data", str(data), "--out", str(out)]) != 0
     assert main(["captioner", "generate", "--captioner", "hf", "--model-path", str(tmp_path), "--data", str(data),

@@ -47,6 +47,7 @@ class Video:
     split: str  # "train" | "val" | "test"
     group: str | None = None  # twin group (TwinClips) — the hard negatives of this video
     factors: Mapping[str, Any] = field(default_factory=dict)  # generating factors, for people
+    source: str | None = None  # where the annotations name it ("captions.csv: line 7"), for messages
 
 
 @dataclass(frozen=True)

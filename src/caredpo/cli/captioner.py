@@ -9,7 +9,7 @@ import typer
 from ..captioner.generate import SamplingConfig
 from ..captioner.model import CaptionerConfig
 from ..captioner.sft import SFTConfig
-from .common import PRESET, SEED, THREADS, load_data, preset_config, set_threads
+from .common import PRESET, SEED, THREADS, load_data, preset_config, read_data, set_threads
 from .flags import NO_OVERRIDES, Overrides, config_flags
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -40,7 +40,7 @@ def sft(
     set_threads(threads)
     config = preset_config(preset, seed)
     model_cfg, sft_cfg = overrides.apply("captioner", config.captioner), overrides.apply("sft", config.sft)
-    dataset, store = load_data(data, features)
+    dataset, store = load_data(data, features, seed)
     result = train_captioner(dataset, store, out, model_cfg, sft_cfg, resume=resume, log=console().print)
     console().print(f"final val loss {result['final_val_loss']}  ({result['seconds_this_run']} s)")
     typer.echo(str(out / "model"))
@@ -69,7 +69,6 @@ def generate(
     Under `torchrun --nproc_per_node=N` the videos are sharded over the processes and merged."""
     from .. import dist
     from ..captioner.model import VideoCaptioner
-    from ..data import load_dataset
     from ..pipeline.stages import split_ids, write_captions
     from .common import load_captioner
 
@@ -77,7 +76,7 @@ def generate(
     base = getattr(preset_config(preset, seed), SPLIT_SAMPLING.get(split, DEFAULT_SAMPLING))
     sampling = overrides.apply("sampling", base)
     hf = _is_hf(backend, model, model_path)
-    dataset, store = (load_dataset(data), None) if hf else load_data(data, features)
+    dataset, store = (read_data(data, seed), None) if hf else load_data(data, features, seed)
     ids = split_ids(dataset, store, split)  # an HF model decodes the videos itself: no features needed
     captioner = load_captioner("hf", model_path) if hf else VideoCaptioner.from_pretrained(model, lm=lm)
     captioner.eval()

@@ -33,12 +33,25 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def load_data(data: Path, features: Optional[Path]):
-    """(Dataset, FeatureStore) of a data folder; features default to DATA/features."""
-    from ..data import load_dataset
+def read_data(data: Path, seed: int):
+    """The data set of a folder with the split and query rules of `caredpo run --data` (a seeded
+    test hold-out where it has no test split, one query per test video: `caredpo.data.splits`);
+    each rule applied is one line on stderr."""
+    from ..data import DataSource
+    from ..pipeline.stages import run_dataset
+
+    return run_dataset(DataSource(data), seed, log=lambda line: typer.echo(line, err=True))
+
+
+def load_data(data: Path, features: Optional[Path], seed: int):
+    """(Dataset, FeatureStore) of a data folder as `caredpo run` reads it (`read_data`, then only the
+    videos with features); features default to DATA/features."""
+    from ..data.splits import with_features
     from ..features import FeatureStore
 
-    return load_dataset(data), FeatureStore.load(features or data / "features")
+    path = features or data / "features"
+    store = FeatureStore.load(path)
+    return with_features(read_data(data, seed), store.ids, str(path)), store
 
 
 def load_captioner(captioner: str | Path, model_path: Optional[Path] = None):

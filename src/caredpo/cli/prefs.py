@@ -42,7 +42,7 @@ def prefs(
     from .common import load_captioner, load_data, visual_input
 
     cfg = overrides.apply("prefs", preset_config(preset, seed).prefs)
-    dataset, store = load_data(data, features)
+    dataset, store = load_data(data, features, seed)
     with dist.session():  # under torchrun: twin groups sharded over the processes, then merged
         reference = load_captioner(captioner, model_path).eval()
         build_prefs(reference, retriever, dataset, store, out, train_captions, cfg,

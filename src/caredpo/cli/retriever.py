@@ -44,7 +44,7 @@ def train(
     except ValueError as e:
         raise DataError(f"--variant: {e}") from None
     cfg = overrides.apply("retriever", base)
-    dataset, store = load_data(data, features)
+    dataset, store = load_data(data, features, seed)
     with dist.session():
         metrics = train_one_retriever(cfg, dataset, store, out, captions, resume=resume, log=console().print)
         main = dist.is_main()
@@ -82,7 +82,7 @@ def evaluate_cmd(
         raise typer.BadParameter("give --run RUN_DIR, or both --model and --data")
     if not (model / "config.json").exists():
         raise FileNotFoundError(f"{model}: no retriever here (expected config.json from save_pretrained)")
-    dataset, store = load_data(data, features)
+    dataset, store = load_data(data, features, seed)
     q = read_queries(queries) if queries else None
     caps = _captions(captions, dataset, split, seed, q, load_captions, first_captions, reference_captions)
     retriever = Retriever.from_pretrained(model).to(device)
@@ -98,11 +98,11 @@ def _evaluate_run(run: Path, queries: Optional[Path], out: Optional[Path], seed:
     """Every caption arm x retriever of a run folder (`caredpo run`, or the stage commands writing
     its layout), on the built-in or the user's queries. seed: the oracle's draw where the folder
     has no run.json to say it."""
-    from ..data import load_dataset
+    from ..data.splits import with_features
     from ..features import FeatureStore
     from ..pipeline.layout import RunLayout
     from ..pipeline.report import evaluate_run, print_table, run_seed
-    from ..pipeline.stages import TUNED_ARMS
+    from ..pipeline.stages import TUNED_ARMS, run_dataset
     from ..retrieval.train import read_queries
 
     layout = RunLayout.load(run)
@@ -110,7 +110,8 @@ def _evaluate_run(run: Path, queries: Optional[Path], out: Optional[Path], seed:
     if missing:
         raise FileNotFoundError(f"{run}: not a finished run (no test captions {', '.join(missing)})")
     seed = run_seed(layout, seed)
-    dataset, store = load_dataset(layout.data), FeatureStore.load(layout.features)
+    store = FeatureStore.load(layout.features)
+    dataset = with_features(run_dataset(layout.data_source(), seed, log=lambda s: None), store.ids, str(layout.features))
     q = read_queries(queries) if queries else None
     path = out or (layout.results_queries if queries else layout.results)
     arms = evaluate_run(layout, dataset, store, q, out_path=path, seed=seed)

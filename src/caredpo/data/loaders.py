@@ -12,6 +12,8 @@ File formats follow the CLIP4Clip data releases (the de-facto standard for text-
 - MSVD: `AllVideoDescriptions.txt` (lines "<video id> <caption>", '#' comments) with
   `train_list.txt` / `val_list.txt` / `test_list.txt`; every sentence of a test video is a query.
   (CLIP4Clip's `raw-captions.pkl` is a pickle: we do not unpickle files from the internet.)
+- plain: `videos/` + `captions.csv` or `captions.jsonl`, one row per sentence with columns `video`,
+  `caption` and an optional `split` (the names are options: `PlainColumns`), for your own data.
 
 Videos are found anywhere under the data root by file name (`<id>.mp4`, `.webm`, `.avi`, ...).
 A video without a file is kept (decoding reports it; `--skip-bad` skips it).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -235,3 +238,102 @@ def _msvd_captions(path: Path) -> dict[str, list[str]]:
             raise DataError(f"{path}: line {n}: expected '<video id> <caption>', got {line!r}")
         out.setdefault(vid, []).append(caption.strip())
     return out
+
+
+# ----------------------------------------------------------------------------- plain layout
+
+
+@dataclass(frozen=True)
+class PlainColumns:
+    """Column names of the plain layout (open_clip's CSV-dataset convention: the keys are options)."""
+
+    video_column: str = "video"  # column naming the video file (under videos/, extension optional)
+    caption_column: str = "caption"  # column holding one sentence of that video
+    split_column: str = "split"  # optional column: train, val or test (without it the run holds out a test split)
+    separator: str = ","  # field separator of captions.csv
+
+
+PLAIN_FILES = ("captions.csv", "captions.jsonl")
+SPLITS = ("train", "val", "test")
+
+
+def load_plain(root: str | Path, columns: PlainColumns = PlainColumns()) -> Dataset:
+    """`videos/` + `captions.csv` or `captions.jsonl`: one row per sentence (video, caption[, split]).
+
+    A video is named by its file (`clip1.mp4`, or `clip1` for any extension); its id is the name
+    without the extension. A video whose file is missing is kept, with the row that names it as its
+    `source` (the run reports it, or skips it with --skip-bad). Without a split column every video
+    is "train"; `caredpo run` then holds out a seeded test split (`caredpo.data.splits`)."""
+    root = Path(root)
+    path = next((root / n for n in PLAIN_FILES if (root / n).is_file()), None)
+    if path is None:
+        raise DataError(f"{root}: no {' or '.join(PLAIN_FILES)}")
+    index = _index_videos(root)
+    videos: dict[str, Video] = {}
+    sentences = []
+    for where, row in _plain_rows(path, columns):
+        name = _cell(row, columns.video_column, where, "no video named")
+        text = _cell(row, columns.caption_column, where, "empty caption")
+        split = _plain_split(row, columns.split_column, where)
+        vid = os.path.splitext(name)[0] if name.lower().endswith(VIDEO_EXTS) else name
+        video = videos.setdefault(vid, Video(vid, _plain_path(root, index, name, vid), split, source=where))
+        if video.split != split:
+            raise DataError(f"{where}: video {vid!r} is in split {split!r} here, {video.split!r} at {video.source}")
+        sentences.append(Sentence(vid, text))
+    return Dataset(root, list(videos.values()), sentences, {}, name="plain")
+
+
+def _plain_rows(path: Path, columns: PlainColumns) -> list[tuple[str, dict]]:
+    """(where, row) per sentence row; `where` is "FILE: line N" for error messages."""
+    return (_csv_rows if path.suffix == ".csv" else _jsonl_rows)(path, columns)
+
+
+def _csv_rows(path: Path, columns: PlainColumns) -> list[tuple[str, dict]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=columns.separator)
+        missing = [c for c in (columns.video_column, columns.caption_column) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing} (header: {reader.fieldnames}); "
+                            "name yours with the column options")
+        return [(f"{path}: line {reader.line_num}", row) for row in reader]
+
+
+def _jsonl_rows(path: Path, columns: PlainColumns) -> list[tuple[str, dict]]:
+    import json
+
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}: line {n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+        _require(row, (columns.video_column, columns.caption_column), where)
+        out.append((where, row))
+    return out
+
+
+def _cell(row: dict, column: str, where: str, empty: str) -> str:
+    value = row.get(column)
+    if value is None or not str(value).strip():
+        raise DataError(f"{where}: {empty} (column {column!r})")
+    return str(value).strip()
+
+
+def _plain_split(row: dict, column: str, where: str) -> str:
+    if column not in row:
+        return "train"
+    split = _cell(row, column, where, "empty split").lower()
+    if split not in SPLITS:
+        raise DataError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+    return split
+
+
+def _plain_path(root: Path, index: dict[str, str], name: str, vid: str) -> str:
+    """videos/NAME if it is there, else the file found by name or id anywhere under root, else
+    the conventional videos/NAME (missing: the run says so)."""
+    if (root / "videos" / name).is_file():
+        return f"videos/{name}"
+    return index.get(name) or index.get(vid) or f"videos/{name if name != vid else vid + '.mp4'}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import DataSource
 from ..io import read_json
 from ..training import CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, SUMMARY_FILE
 
@@ -81,8 +82,13 @@ class RunLayout:
     def load(cls, root: str | Path) -> "RunLayout":
         """The layout of an existing run folder: its data folder as run.json records it."""
         root = Path(root)
-        data = _recorded_data(root / RUN_JSON)
-        return cls.create(root, data)
+        data = _recorded_source(root / RUN_JSON)
+        return cls.create(root, data["path"] if data else None)
+
+    def data_source(self) -> DataSource:
+        """How this run reads its data set: as run.json records it (a --data run), else RUN/data."""
+        recorded = _recorded_source(self.run_json)
+        return DataSource.from_dict(recorded) if recorded else DataSource(self.data)
 
     @property
     def generated(self) -> bool:
@@ -159,6 +165,6 @@ class RunLayout:
         return self.root / "captions.md"
 
 
-def _recorded_data(run_json: Path) -> str | None:
-    """run.json's data folder; None for a generated run (RUN/data) or no run.json."""
+def _recorded_source(run_json: Path) -> dict | None:
+    """run.json's "data" entry (`DataSource.to_dict`); None for a generated run or no run.json."""
     return read_json(run_json).get("data") if run_json.exists() else None

@@ -8,6 +8,7 @@ results["caption_factors"][arm] = {"n", "colour", "shape", ...}: % of the arm's 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -63,8 +64,10 @@ def evaluate_run(layout: RunLayout, dataset: Dataset, store, queries: Mapping[st
         for name in ARM_RETRIEVERS[arm]:
             if name not in scorers:
                 scorers[name] = Scorer(Retriever.from_pretrained(layout.retriever_model(name)).eval())
-            arms[arm][name] = evaluate(scorers[name].model, dataset, store, captions, "test", queries,
-                                       scorer=scorers[name])
+            m = arms[arm][name] = evaluate(scorers[name].model, dataset, store, captions, "test", queries,
+                                           scorer=scorers[name])
+            if not math.isfinite(m["twin_acc"]):  # no test video has a twin: nothing to report
+                del m["twin_acc"]
     path = Path(out_path) if out_path else layout.results
     old = read_json(path) if path.exists() else {}
     results = {**old, "arms": arms, "queries": "custom" if queries else "built-in",
@@ -103,13 +106,20 @@ def print_factors(factors: Mapping[str, Mapping[str, float]], title: str) -> Non
     Console(width=max(Console().width, 110)).print(table)
 
 
+def has_twin_accuracy(arms: Mapping[str, Mapping[str, dict]]) -> bool:
+    """Whether the results carry twin accuracy (data with twin groups) in every row."""
+    return all("twin_acc" in m for by_retriever in arms.values() for m in by_retriever.values())
+
+
 def table_rows(arms: Mapping[str, Mapping[str, dict]]) -> list[list[str]]:
-    rows = []
+    """One row per (arm, retriever): the table's cells, twin accuracy last where every row has it."""
+    rows, with_twins = [], has_twin_accuracy(arms)
     for arm, by_retriever in arms.items():
         for name, m in by_retriever.items():
             t, v = m["t2v"], m["v2t"]
+            twin = [f"{m['twin_acc']:.1f}"] if with_twins else []
             rows.append([arm, name, f"{t['R1']:.1f}", f"{t['R5']:.1f}", f"{t['R10']:.1f}", f"{t['MdR']:.0f}",
-                         f"{t['MnR']:.1f}", f"{v['R1']:.1f}", f"{m['twin_acc']:.1f}"])
+                         f"{t['MnR']:.1f}", f"{v['R1']:.1f}", *twin])
     return rows
 
 
@@ -118,7 +128,8 @@ def print_table(arms: Mapping[str, Mapping[str, dict]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("captions", "retriever", "t2v R@1", "R@5", "R@10", "MdR", "MnR", "v2t R@1", "twin acc %"):
+    cols = ("captions", "retriever", "t2v R@1", "R@5", "R@10", "MdR", "MnR", "v2t R@1")
+    for col in cols + (("twin acc %",) if has_twin_accuracy(arms) else ()):
         table.add_column(col, justify="left" if col in ("captions", "retriever") else "right")
     for row in table_rows(arms):
         table.add_row(*row)
@@ -166,20 +177,38 @@ def plot_dpo_curves(layout: RunLayout, path: Path) -> None:
 
 
 def write_caption_examples(layout: RunLayout, dataset: Dataset, path: Path, n_groups: int = 3) -> None:
-    """captions.md: for whole twin groups of test clips, the factors and every arm's caption."""
+    """captions.md: for whole twin groups of test clips (lone videos on data without groups), the
+    factors where the data has them, the query and every arm's caption."""
     seed = run_seed(layout)
     caps = {arm: arm_captions(layout, arm, dataset, seed) for arm in ("sft", "dpo", "dg_dpo", "reference")}
     units = dataset.units(v.id for v in dataset.split("test"))
     lines = ["# Caption examples per arm (test clips, whole twin groups)", ""]
     for unit in units[:n_groups]:
-        lines += [f"## twin group {dataset.group_key(unit[0])}", ""]
+        lone = dataset.by_id[unit[0]].group is None
+        lines += [f"## {'video' if lone else 'twin group'} {dataset.group_key(unit[0])}", ""]
         for v in map(dataset.by_id.get, unit):
-            lines.append(f"**{v.id}** — factors: `{_factor_line(v.factors)}`  ")
+            factors = f" — factors: `{_factor_line(v.factors)}`" if v.factors else ""
+            lines.append(f"**{v.id}**{factors}  ")
             lines.append(f"query: _{dataset.queries_of(v.id)[0]}_  ")
             for arm, by_id in caps.items():
                 lines.append(f"- {arm}: {by_id.get(v.id) if by_id else None}")
             lines.append("")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def left_out_note(dataset: Dataset) -> str | None:
+    """One line naming the TwinClips-only parts of the report this data set has nothing for (no
+    twin groups: twin accuracy; no clip factors: the factor table and captions.md's factor lines)."""
+    test = dataset.split("test")
+    gone = []
+    if not any(dataset.twins_of(v.id) for v in test):
+        gone.append(("twin groups", "twin accuracy"))
+    if not any(v.factors for v in test):
+        gone.append(("clip factors", "the caption-factor table and the factor lines of captions.md"))
+    if not gone:
+        return None
+    return (f"{dataset.name}: no {' and no '.join(g for g, _ in gone)}, so "
+            f"{' and '.join(p for _, p in gone)} are left out of the report")
 
 
 def _factor_line(factors: Mapping) -> str:
@@ -202,6 +231,8 @@ def aggregate(runs: list[Mapping[str, Mapping[str, dict]]]) -> dict[str, dict[st
             if not all(name in r.get(arm, {}) for r in runs):
                 continue
             for label, (key, sub) in picks.items():
+                if not all(key in r[arm][name] for r in runs):  # twin accuracy: data with twin groups only
+                    continue
                 values = [r[arm][name][key] if sub is None else r[arm][name][key][sub] for r in runs]
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 out.setdefault(arm, {}).setdefault(name, {})[label] = (statistics.fmean(values), std)

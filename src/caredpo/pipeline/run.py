@@ -12,6 +12,7 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from ..data import DataSource
 from ..io import read_json, write_json
 from .layout import RunLayout
 from .presets import run_config
@@ -43,60 +44,86 @@ class RunLog:
         self.console.print(line, highlight=False)
 
 
-def run_pipeline(preset: str, seed: int, out: str | Path, only: list[str] | None = None) -> dict:
-    """Run (or finish) the whole experiment in `out`; returns results.json's content."""
-    from .report import plot_dpo_curves, plot_r1, print_factors, print_table, write_caption_examples
+GENERATED_ONLY = ("data",)  # stages of a TwinClips run only: `--data DIR` reads a data set on disk
 
+
+def stages_of(layout: RunLayout) -> dict:
+    """The stages a run folder runs, in order: all of STAGES, or all but the generation stage."""
+    return {k: v for k, v in STAGES.items() if layout.generated or k not in GENERATED_ONLY}
+
+
+def run_pipeline(preset: str, seed: int, out: str | Path, only: list[str] | None = None,
+                 data: DataSource | None = None, skip_bad: bool = False) -> dict:
+    """Run (or finish) the whole experiment in `out`, on TwinClips generated there or on the data
+    set `data` (any layout `load_dataset` reads); returns results.json's content. skip_bad: list
+    missing and unreadable videos (features/skipped.jsonl) and go on without them."""
     config = run_config(preset, seed)
-    layout = RunLayout.create(out)
-    _check_same_config(layout, config)
+    layout = RunLayout.create(out, data.path if data else None)
+    source = data or layout.data_source()
+    _check_same_config(layout, config, data)
     log = RunLog(layout.log)
-    ctx = RunContext(layout=layout, config=config, log=log)
-    log(f"caredpo run: preset={preset} seed={seed} out={out}; precision: {_precisions(config)}")
-    for i, (name, stage) in enumerate(STAGES.items(), 1):
+    ctx = RunContext(layout=layout, config=config, source=source, log=log, skip_bad=skip_bad)
+    log(f"caredpo run: preset={preset} seed={seed} out={out} data={source.path}; precision: {_precisions(config)}")
+    stages = stages_of(layout)
+    for i, (name, stage) in enumerate(stages.items(), 1):
         if only and name not in only:
             continue
-        _run_stage(ctx, i, name, stage)
+        _run_stage(ctx, f"{i}/{len(stages)}", name, stage)
     if not layout.marker("evaluate").exists():
         log("evaluation has not run yet (--only): no results table")
         return {}
+    return _report(ctx)
+
+
+def _report(ctx: RunContext) -> dict:
+    """results.json with the run's metadata, plots, captions.md, and the tables on the console."""
+    from .report import left_out_note, plot_dpo_curves, plot_r1, print_factors, print_table, write_caption_examples
+
+    layout, config = ctx.layout, ctx.config
     results = read_json(layout.results)
     results["meta"] = _metadata(layout, config)
     write_json(layout.results, results)
     plot_r1(results["arms"], layout.r1_plot)
     plot_dpo_curves(layout, layout.dpo_plot)
     write_caption_examples(layout, ctx.dataset, layout.caption_examples)
-    print_table(results["arms"], f"CaRe-DPO on TwinClips ({preset}, seed {seed}) — test split")
+    name = "TwinClips" if layout.generated else str(layout.data)
+    print_table(results["arms"], f"CaRe-DPO on {name} ({config.preset}, seed {config.seed}) — test split")
     print_factors(results.get("caption_factors", {}), "test captions stating each clip factor right (%)")
-    log(f"done: {layout.results}, plots and captions.md written")
+    note = left_out_note(ctx.dataset)
+    if note:
+        ctx.log(note)
+    ctx.log(f"done: {layout.results}, plots and captions.md written")
     return results
 
 
-def _run_stage(ctx: RunContext, i: int, name: str, stage) -> None:
+def _run_stage(ctx: RunContext, at: str, name: str, stage) -> None:
+    """at: "i/N", the stage's place in the run."""
     marker = ctx.layout.marker(name)
     if marker.exists():
-        ctx.log(f"stage {i}/{len(STAGES)} {name}: done earlier, skipped")
+        ctx.log(f"stage {at} {name}: done earlier, skipped")
         return
-    ctx.log(f"stage {i}/{len(STAGES)} {name}: start")
+    ctx.log(f"stage {at} {name}: start")
     t0 = time.perf_counter()
     info = stage(ctx)
     seconds = round(time.perf_counter() - t0, 1)
     write_json(marker, {"seconds": seconds, "peak_rss_mb": round(peak_rss_mb()), **info})
-    ctx.log(f"stage {i}/{len(STAGES)} {name}: finished in {seconds:.1f} s")
+    ctx.log(f"stage {at} {name}: finished in {seconds:.1f} s")
 
 
-def _check_same_config(layout: RunLayout, config) -> None:
-    """A run folder belongs to one configuration: resuming with another would mix results."""
+def _check_same_config(layout: RunLayout, config, data: DataSource | None) -> None:
+    """A run folder belongs to one configuration and data set: resuming with another would mix
+    results. run.json records them ("data": None for TwinClips generated in RUN/data)."""
     from ..records import DataError
 
     path = layout.run_json
+    source = data.to_dict() if data else None
     if path.exists():
         old = read_json(path)
-        if old.get("config") != _jsonable(config.to_dict()):
-            raise DataError(f"{path}: this run folder was made with another preset/seed/config; "
+        if old.get("config") != _jsonable(config.to_dict()) or old.get("data") != source:
+            raise DataError(f"{path}: this run folder was made with another preset/seed/config/data set; "
                             "use a new --out folder")
         return
-    write_json(path, {"preset": config.preset, "seed": config.seed, "config": config.to_dict()})
+    write_json(path, {"preset": config.preset, "seed": config.seed, "data": source, "config": config.to_dict()})
 
 
 def _jsonable(obj):

@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+from ..data import DataSource
 from ..records import DataError, Dataset
 from .layout import RunLayout, TrainerFiles
 from .presets import RETRIEVERS, RunConfig
@@ -35,9 +36,15 @@ def make_twinclips(config, out: Path) -> dict:
 
 def make_features(dataset: Dataset, out: Path, config, skip_bad: bool = False) -> dict:
     """Frozen frame features (a `FeatureConfig`) of every video into `out`; with skip_bad an
-    unreadable video is listed in out/skipped.jsonl instead of stopping the stage."""
+    unreadable or missing video is listed in out/skipped.jsonl instead of stopping the stage."""
     from ..features import FeatureStore, extract_features
 
+    missing = [v for v in dataset.videos if not dataset.video_path(v).is_file()]
+    if missing and not skip_bad:
+        v = missing[0]
+        more = f" ({len(missing)} videos missing in all)" if len(missing) > 1 else ""
+        raise DataError(f"{v.source or dataset.root}: video {v.id!r}: no file {dataset.video_path(v)}{more}; "
+                        "--skip-bad skips missing and unreadable videos")
     store = FeatureStore.load(extract_features(dataset, out, config, skip_bad=skip_bad))
     return {"videos": len(store.ids), "skipped": len(store.meta.get("skipped", []))}
 
@@ -65,6 +72,17 @@ def write_captions(captioner, store, ids: list[str], out: Path, sampling, visual
     from ..captioner.generate import generate_captions
 
     return generate_captions(captioner, store, ids, out, sampling, visual=visual)
+
+
+def run_dataset(source: DataSource, seed: int, log: Callable[[str], None] = print) -> Dataset:
+    """The data set of a run as every stage and `caredpo eval --run` read it: loaded from `source`,
+    with the run's split and query rules applied (`caredpo.data.splits`; each rule applied is logged)."""
+    from ..data.splits import prepare
+
+    dataset, notes = prepare(source.load(), seed)
+    for note in notes:
+        log(note)
+    return dataset
 
 
 def model_dir(path: Path) -> Path:
@@ -125,13 +143,23 @@ def tune_captioner(policy, groups: Path, features, out: Path, config, resume: bo
 class RunContext:
     layout: RunLayout
     config: RunConfig
+    source: DataSource  # where the data set is and how to read it
     log: Callable[[str], None] = print
+    skip_bad: bool = False  # features: list missing and unreadable videos instead of stopping
+
+    @cached_property
+    def all_videos(self) -> Dataset:
+        """The data set with the run's splits and queries (`data.splits.prepare`), every video."""
+        from ..data.splits import check_splits
+
+        return check_splits(run_dataset(self.source, self.config.seed, self.log))
 
     @cached_property
     def dataset(self) -> Dataset:
-        from ..data import load_dataset
+        """What the stages after features read: the videos that have features."""
+        from ..data.splits import with_features
 
-        return load_dataset(self.layout.data)
+        return with_features(self.all_videos, self.store.ids, str(self.layout.features))
 
     @cached_property
     def store(self):
@@ -150,7 +178,7 @@ def _data(ctx: RunContext) -> dict:
 
 
 def _features(ctx: RunContext) -> dict:
-    return make_features(ctx.dataset, ctx.layout.features, ctx.config.features)
+    return make_features(ctx.all_videos, ctx.layout.features, ctx.config.features, ctx.skip_bad)
 
 
 def _sft(ctx: RunContext) -> dict:
