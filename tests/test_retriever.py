@@ -278,7 +278,7 @@ def test_cli_train_and_eval(tmp_path, monkeypatch, capsys):
     from caredpo.cli import retriever as cli
 
     ds, feats = synthetic()
-    monkeypatch.setattr(cli, "load_data", lambda data, features: (ds, feats))
+    monkeypatch.setattr(cli, "load_data", lambda data, features, seed=0: (ds, feats))
     app = typer.Typer()
     app.add_typer(cli.app, name="retriever")
     cli.register(app)
