@@ -34,6 +34,8 @@ seeds: setup
 	$(VENV)/bin/caredpo summary $(foreach s,$(SEEDS),runs/$(PRESET)-s$(s))
 
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: setup

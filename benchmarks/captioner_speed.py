@@ -15,6 +15,7 @@ through frozen weights computes input gradients only). Both paths run at the cap
 (--precision, else its config's; the plain peers under the same autocast). "of peak" sets each row
 against the fp32 or bf16 matmul peak measured at the start of the run at --threads (benchmarks/peak.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from peak import describe, measure_peaks, share
 
 CAPTIONS = [
@@ -69,6 +71,7 @@ def batch(model, videos: int, per_video: int, seed: int = 0):
 
 # ------------------------------------------------------------------ plain HF peers
 
+
 def plain_inputs(model, rep, caps):
     """Full sequences [prefix + caption + eos], right-padded, labels -100 outside the caption."""
     ids, mask = model.encode_captions(caps)
@@ -102,12 +105,21 @@ def hf_generate(model, feats, n, temperature, top_p, max_new, seed):
     with model.autocast():
         pre = model.prefix_embeds(feats)
         return model.base_lm.generate(
-            inputs_embeds=pre, attention_mask=torch.ones(pre.shape[:2], dtype=torch.long), do_sample=True,
-            temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new, num_return_sequences=n,
-            eos_token_id=model.eos_id, pad_token_id=model.pad_id)
+            inputs_embeds=pre,
+            attention_mask=torch.ones(pre.shape[:2], dtype=torch.long),
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new,
+            num_return_sequences=n,
+            eos_token_id=model.eos_id,
+            pad_token_id=model.pad_id,
+        )
 
 
 # ------------------------------------------------------------------ cases
+
 
 def train_step(model, opt, loss_fn):
     def step():
@@ -116,6 +128,7 @@ def train_step(model, opt, loss_fn):
         loss.backward()
         opt.step()
         return float(loss.detach())
+
     return step
 
 
@@ -152,51 +165,93 @@ def case_rows(model, args) -> list[dict]:
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
     fl_ours = 2 * (2 * P_lm * (V * prefix + cap_tok) + 2 * P_head * cap_tok)
     fl_plain = 2 * (2 * P_lm * (V * m * prefix + cap_tok) + 2 * P_head * (V * m * prefix + cap_tok))
-    for name, fn, fl in (("ours", lambda: model.nll(rep, caps), fl_ours),
-                         ("plain HF", lambda: plain_loss(model, rep, caps), fl_plain)):
+    for name, fn, fl in (
+        ("ours", lambda: model.nll(rep, caps), fl_ours),
+        ("plain HF", lambda: plain_loss(model, rep, caps), fl_plain),
+    ):
         t, mem, _ = measure(train_step(model, opt, fn), args.repeats)
-        rows.append({"case": f"sft step ({V}x{m} captions)", "path": name, "s": t, "mem": mem,
-                     "rate": f"{V * m / t:.1f} capt/s", "per_s": V * m / t, "gflops": fl / t / 1e9})
+        rows.append(
+            {
+                "case": f"sft step ({V}x{m} captions)",
+                "path": name,
+                "s": t,
+                "mem": mem,
+                "rate": f"{V * m / t:.1f} capt/s",
+                "per_s": V * m / t,
+                "gflops": fl / t / 1e9,
+            }
+        )
     model.eval()
     # --- generation
     G, n = args.gen_videos, args.gen_n
     feats, _, _ = batch(model, G, 1, seed=1)
     with torch.inference_mode():
-        t, mem, out = measure(lambda: model.generate_ids(feats, n=n, temperature=1.0, top_p=0.9,
-                                                         max_new_tokens=args.max_new, seed=0), args.repeats)
+        t, mem, out = measure(
+            lambda: model.generate_ids(feats, n=n, temperature=1.0, top_p=0.9, max_new_tokens=args.max_new, seed=0),
+            args.repeats,
+        )
         rows.append(_gen_row(G, n, "ours", t, mem, generated_tokens(model, out), P_lm, P_head, prefix * G))
         t, mem, out = measure(lambda: hf_generate(model, feats, n, 1.0, 0.9, args.max_new, 0), args.repeats)
-        rows.append(_gen_row(G, n, "plain HF generate", t, mem, generated_tokens(model, out), P_lm, P_head,
-                             prefix * G * n))
+        rows.append(
+            _gen_row(G, n, "plain HF generate", t, mem, generated_tokens(model, out), P_lm, P_head, prefix * G * n)
+        )
     # --- log-probs
     feats, rep, caps = batch(model, args.lp_videos, args.lp_captions, seed=2)
     cap_tok, N = count_tokens(model, caps), len(caps)
     with torch.no_grad():
         for name, fn, fl in (
-            ("ours", lambda: model.logprob(rep, caps), 2 * P_lm * (args.lp_videos * prefix + cap_tok) + 2 * P_head * cap_tok),
-            ("plain HF (full logits)", lambda: plain_logprob(model, rep, caps), 2 * (P_lm + P_head) * (N * prefix + cap_tok)),
+            (
+                "ours",
+                lambda: model.logprob(rep, caps),
+                2 * P_lm * (args.lp_videos * prefix + cap_tok) + 2 * P_head * cap_tok,
+            ),
+            (
+                "plain HF (full logits)",
+                lambda: plain_logprob(model, rep, caps),
+                2 * (P_lm + P_head) * (N * prefix + cap_tok),
+            ),
         ):
             t, mem, _ = measure(fn, args.repeats)
-            rows.append({"case": f"logprob ({N} pairs)", "path": name, "s": t, "mem": mem,
-                         "rate": f"{N / t:.1f} pairs/s", "per_s": N / t, "gflops": fl / t / 1e9})
+            rows.append(
+                {
+                    "case": f"logprob ({N} pairs)",
+                    "path": name,
+                    "s": t,
+                    "mem": mem,
+                    "rate": f"{N / t:.1f} pairs/s",
+                    "per_s": N / t,
+                    "gflops": fl / t / 1e9,
+                }
+            )
     return rows
 
 
 def _gen_row(G, n, name, t, mem, tok, P_lm, P_head, prefill_tokens) -> dict:
     fl = 2 * P_lm * (prefill_tokens + tok) + 2 * P_head * tok
-    return {"case": f"generate ({G} videos x n={n})", "path": name, "s": t, "mem": mem,
-            "rate": f"{tok / t:.0f} tok/s", "per_s": tok / t, "gflops": fl / t / 1e9}
+    return {
+        "case": f"generate ({G} videos x n={n})",
+        "path": name,
+        "s": t,
+        "mem": mem,
+        "rate": f"{tok / t:.0f} tok/s",
+        "per_s": tok / t,
+        "gflops": fl / t / 1e9,
+    }
 
 
 def print_table(rows: list[dict], prec: str, peaks: dict[str, float]) -> None:
     """All rows ran at `prec` ("fp32" | "bf16"): "of peak" is against that precision's peak."""
-    print(f"{'case':32} {'path':24} {'prec':>5} {'median s':>9} {'rate':>14} {'GFLOP/s':>8} {'of peak':>8} "
-          f"{'peak MiB':>9} {'speed-up':>9}")
+    print(
+        f"{'case':32} {'path':24} {'prec':>5} {'median s':>9} {'rate':>14} {'GFLOP/s':>8} {'of peak':>8} "
+        f"{'peak MiB':>9} {'speed-up':>9}"
+    )
     for r in rows:  # speed-up = our rate / the peer's rate (tokens/s for generation)
         peer = [x["per_s"] for x in rows if x["case"] == r["case"] and x["path"] != "ours"]
         ratio = f"{r['per_s'] / peer[0]:.2f}x" if r["path"] == "ours" and peer else ""
-        print(f"{r['case']:32} {r['path']:24} {prec:>5} {r['s']:9.3f} {r['rate']:>14} {r['gflops']:8.1f} "
-              f"{share(r['gflops'], prec, peaks):8.0%} {r['mem']:9.1f} {ratio:>9}")
+        print(
+            f"{r['case']:32} {r['path']:24} {prec:>5} {r['s']:9.3f} {r['rate']:>14} {r['gflops']:8.1f} "
+            f"{share(r['gflops'], prec, peaks):8.0%} {r['mem']:9.1f} {ratio:>9}"
+        )
 
 
 def main() -> None:
@@ -204,8 +259,11 @@ def main() -> None:
     ap.add_argument("--model", help="trained captioner or SFT run folder (default: fresh SmolLM2 captioner)")
     ap.add_argument("--lm", default="smollm2", help="base LM for a fresh captioner: smollm2, tiny or a path")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                    help="precision of both paths (default: the captioner's config; fp32 for a fresh one)")
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        help="precision of both paths (default: the captioner's config; fp32 for a fresh one)",
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sft-videos", type=int, default=4)
     ap.add_argument("--sft-captions", type=int, default=4)
@@ -226,8 +284,10 @@ def main() -> None:
     if args.precision:  # the model reads config.precision at every pass (model.autocast)
         model.config = dataclasses.replace(model.config, precision=args.precision)
     prec = precision.resolve(model.config.precision, model.device)
-    print(f"threads={args.threads} lm={model.config.lm} lora_layers={model.config.lora_layers} "
-          f"visual tokens={model.config.num_visual_tokens} precision={prec}; {describe(peaks)}")
+    print(
+        f"threads={args.threads} lm={model.config.lm} lora_layers={model.config.lora_layers} "
+        f"visual tokens={model.config.num_visual_tokens} precision={prec}; {describe(peaks)}"
+    )
     print_table(case_rows(model, args), prec, peaks)
 
 

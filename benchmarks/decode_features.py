@@ -8,6 +8,7 @@ the CNN, channels_last) against the plain loop (decode inline, contiguous tensor
 repeats; the CNN runs in fp32, so its FLOP rate is set against the fp32 matmul peak measured at
 the start of the run at --threads (benchmarks/peak.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,10 @@ def time_cnn(cfg: FeatureConfig, channels_last: bool) -> tuple[float, float]:
     model = load_frame_encoder(cfg.size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    x = preprocess(np.random.default_rng(0).integers(0, 255, (cfg.batch_size, cfg.size, cfg.size, 3), dtype=np.uint8),
-                   channels_last)
+    x = preprocess(
+        np.random.default_rng(0).integers(0, 255, (cfg.batch_size, cfg.size, cfg.size, 3), dtype=np.uint8),
+        channels_last,
+    )
     with FlopCounterMode(display=False) as counter:
         encode_frames(model, x[:1])
     encode_frames(model, x)  # warm-up
@@ -97,15 +100,25 @@ def main() -> None:
     ]
     for cl in (False, True):
         fps, gflops = sorted(time_cnn(base, cl) for _ in range(args.repeats))[args.repeats // 2]
-        rows.append((f"CNN only, channels_last={cl}", fps, f"{gflops:.1f} GFLOP/s = {share(gflops, 'fp32', peaks):.0%} of fp32 peak"))
+        rows.append(
+            (
+                f"CNN only, channels_last={cl}",
+                fps,
+                f"{gflops:.1f} GFLOP/s = {share(gflops, 'fp32', peaks):.0%} of fp32 peak",
+            )
+        )
     variants = {
-        "features: inline decode, contiguous (peer)": FeatureConfig(**{**base.__dict__, "decode_workers": 0, "channels_last": False}),
+        "features: inline decode, contiguous (peer)": FeatureConfig(
+            **{**base.__dict__, "decode_workers": 0, "channels_last": False}
+        ),
         "features: decode thread, channels_last (ours)": base,
     }
     for name, cfg in variants.items():
-        rows.append((name, med(lambda: time_extract(ds, cfg)), ""))
-    print(f"\n{len(paths)} videos, {args.frames} frames at {args.size} px, {args.threads} torch threads, "
-          f"median of {args.repeats}; {describe(peaks)}")
+        rows.append((name, med(lambda cfg=cfg: time_extract(ds, cfg)), ""))
+    print(
+        f"\n{len(paths)} videos, {args.frames} frames at {args.size} px, {args.threads} torch threads, "
+        f"median of {args.repeats}; {describe(peaks)}"
+    )
     print(f"{'what':48s} {'frames/s':>10s}  note")
     for name, fps, note in rows:
         print(f"{name:48s} {fps:10.1f}  {note}")

@@ -15,6 +15,7 @@ Throughput = median pairs/s over the steps after warm-up; memory = peak RSS of t
 FLOP/s counts 2N per forward token and 6N per trained token (N = parameters used on it), against
 the matmul peak of the run's precision, measured at --threads before the arms start (peak.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,10 @@ import sys
 import tempfile
 import time
 
-WORDS = ("red green blue circle square moves left right slowly quickly over grass sand the a and then "
-         "turns small large object video scene bounces grows").split()
+WORDS = (
+    "red green blue circle square moves left right slowly quickly over grass sand the a and then "
+    "turns small large object video scene bounces grows"
+).split()
 
 
 def make_pairs(tok, n: int, prompt_tokens: int, seed: int = 0) -> list[dict]:
@@ -39,8 +42,14 @@ def make_pairs(tok, n: int, prompt_tokens: int, seed: int = 0) -> list[dict]:
     n_head = len(tok(head).input_ids)
     rng = random.Random(seed)
     sent = lambda k: " " + " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
-    return [{"prompt": head + sent(prompt_tokens - n_head), "chosen": sent(rng.randint(12, 24)),
-             "rejected": sent(rng.randint(12, 24))} for _ in range(n)]
+    return [
+        {
+            "prompt": head + sent(prompt_tokens - n_head),
+            "chosen": sent(rng.randint(12, 24)),
+            "rejected": sent(rng.randint(12, 24)),
+        }
+        for _ in range(n)
+    ]
 
 
 def split_like_trl(tok, pair: dict) -> tuple[list[int], list[int], list[int]]:
@@ -75,6 +84,7 @@ def load(lm: str):
 
 # ---------------------------------------------------------------- our arm
 
+
 def text_policy_cls():
     import torch
     from torch import nn
@@ -106,8 +116,9 @@ def text_policy_cls():
             hidden = out.last_hidden_state[inv, -1:]  # last prompt position predicts token 0
             if width > 1:
                 pos = torch.arange(features.shape[1], features.shape[1] + width - 1)[None].expand(len(rows), -1)
-                h = self.lm.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True,
-                                  position_ids=pos).last_hidden_state
+                h = self.lm.model(
+                    input_ids=ids[:, :-1], past_key_values=cache, use_cache=True, position_ids=pos
+                ).last_hidden_state
                 hidden = torch.cat([hidden, h], 1)
             lp = self.lm.lm_head(hidden[mask]).float().log_softmax(-1).gather(1, ids[mask][:, None])[:, 0]
             return torch.zeros(ids.shape).index_put((mask.nonzero(as_tuple=True)), lp).sum(1)
@@ -133,13 +144,17 @@ def run_ours(args) -> dict:
     t0 = time.perf_counter()
     rows = precompute_refs(policy, pairs, feats, args.batch)
     ref_time = time.perf_counter() - t0
-    cfg = DPOConfig.for_mode("dpo", beta=0.1, lr=args.lr, groups_per_batch=args.batch, max_steps=args.steps,
-                             save_every=10**6, grad_clip=1.0)
+    cfg = DPOConfig.for_mode(
+        "dpo", beta=0.1, lr=args.lr, groups_per_batch=args.batch, max_steps=args.steps, save_every=10**6, grad_clip=1.0
+    )
     with tempfile.TemporaryDirectory() as out:
         train_dpo(policy, rows, feats, out, cfg, show_progress=False)
         times = [r["time_s"] for r in metrics_rows(out)]
-    return {"step_times": times, "ref_precompute_pairs_per_s": len(pairs) / ref_time,
-            "flops_per_pair": flops_ours(model, split)}
+    return {
+        "step_times": times,
+        "ref_precompute_pairs_per_s": len(pairs) / ref_time,
+        "flops_per_pair": flops_ours(model, split),
+    }
 
 
 def precompute_refs(policy, pairs, feats, batch) -> list[dict]:
@@ -149,16 +164,25 @@ def precompute_refs(policy, pairs, feats, batch) -> list[dict]:
     with torch.no_grad():
         for s in range(0, len(pairs), batch):
             ids = [f"p{i}" for i in range(s, min(s + batch, len(pairs)))]
-            chunk = pairs[s:s + batch]
+            chunk = pairs[s : s + batch]
             caps = [c for p in chunk for c in (p["chosen"], p["rejected"])]
             lp = policy.logprob(feats([i for i in ids for _ in (0, 1)]), caps).view(-1, 2)
-            rows += [{"video_id": i, "group": None, "captions": [p["chosen"], p["rejected"]],
-                      "rewards": [1.0, 0.0], "ref_logps": lp[j].tolist(), "best": 0}
-                     for j, (i, p) in enumerate(zip(ids, chunk))]
+            rows += [
+                {
+                    "video_id": i,
+                    "group": None,
+                    "captions": [p["chosen"], p["rejected"]],
+                    "rewards": [1.0, 0.0],
+                    "ref_logps": lp[j].tolist(),
+                    "best": 0,
+                }
+                for j, (i, p) in enumerate(zip(ids, chunk))
+            ]
     return rows
 
 
 # ---------------------------------------------------------------- trl arm
+
 
 def run_trl(args, precompute: bool) -> dict:
     from datasets import Dataset
@@ -177,22 +201,43 @@ def run_trl(args, precompute: bool) -> dict:
             times.append(time.perf_counter() - t["start"])
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch, max_steps=args.steps,
-                        learning_rate=args.lr, lr_scheduler_type="constant", beta=0.1, max_length=None,
-                        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                        disable_tqdm=True, seed=0, precompute_ref_log_probs=precompute,
-                        dataloader_num_workers=0, max_grad_norm=1.0, bf16=args.precision == "bf16")
+        cfg = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.batch,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="constant",
+            beta=0.1,
+            max_length=None,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+            precompute_ref_log_probs=precompute,
+            dataloader_num_workers=0,
+            max_grad_norm=1.0,
+            bf16=args.precision == "bf16",
+        )
         # trl's default reference is a second copy of the model; it would reload it from
         # config.architectures, which the GGUF conversion leaves empty, so we hand it the same copy.
         ref = None if precompute else load(args.lm)[0]
-        trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(pairs),
-                             processing_class=tok, callbacks=[Timer()])
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=cfg,
+            train_dataset=Dataset.from_list(pairs),
+            processing_class=tok,
+            callbacks=[Timer()],
+        )
         trainer.train()
     split = [split_like_trl(tok, p) for p in pairs]
     return {"step_times": times, "flops_per_pair": flops_trl(model, split, with_ref=not precompute)}
 
 
 # ---------------------------------------------------------------- FLOP estimates
+
 
 def _sizes(model) -> tuple[int, int]:
     head = model.lm_head.weight.numel()
@@ -216,13 +261,14 @@ def flops_trl(model, split, with_ref: bool) -> float:
 
 # ---------------------------------------------------------------- driver
 
+
 def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     res = run_ours(args) if args.arm == "ours" else run_trl(args, precompute=args.arm == "trl-pc")
-    steady = res["step_times"][args.warmup:]
+    steady = res["step_times"][args.warmup :]
     res["pairs_per_s"] = statistics.median(args.batch / s for s in steady)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["gflops"] = res["flops_per_pair"] * res["pairs_per_s"] / 1e9
@@ -235,11 +281,19 @@ def parent(args) -> None:
     peaks = measure_peaks(threads=args.threads)  # the arms' thread count, before they load anything
     results = {}
     for arm in args.arms.split(","):
-        cmd = [sys.executable, __file__, "--arm", arm] + [f"--{k}={v}" for k, v in
-                                                         (("lm", args.lm), ("steps", args.steps), ("batch", args.batch),
-                                                          ("warmup", args.warmup), ("threads", args.threads),
-                                                          ("prompt-tokens", args.prompt_tokens), ("lr", args.lr),
-                                                          ("precision", args.precision))]
+        cmd = [sys.executable, __file__, "--arm", arm] + [
+            f"--{k}={v}"
+            for k, v in (
+                ("lm", args.lm),
+                ("steps", args.steps),
+                ("batch", args.batch),
+                ("warmup", args.warmup),
+                ("threads", args.threads),
+                ("prompt-tokens", args.prompt_tokens),
+                ("lr", args.lr),
+                ("precision", args.precision),
+            )
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -254,21 +308,29 @@ def report(args, results: dict, peaks: dict[str, float]) -> None:
     from peak import describe, share
 
     ours = results.get("ours")
-    print(f"\nDPO trainer vs trl {_trl_version()} | LM {args.lm}, full fine-tune {args.precision}, {args.batch} "
-          f"pairs/step, {args.steps} steps ({args.warmup} warm-up), {args.threads} threads, prompt "
-          f"{args.prompt_tokens} tokens\n{describe(peaks)}; % peak against the {args.precision} one")
+    print(
+        f"\nDPO trainer vs trl {_trl_version()} | LM {args.lm}, full fine-tune {args.precision}, {args.batch} "
+        f"pairs/step, {args.steps} steps ({args.warmup} warm-up), {args.threads} threads, prompt "
+        f"{args.prompt_tokens} tokens\n{describe(peaks)}; % peak against the {args.precision} one"
+    )
     print(f"{'arm':<8} {'pairs/s':>8} {'x ours':>7} {'peak RSS MB':>12} {'GFLOP/s':>8} {'% peak':>7} {'wall s':>7}")
     for arm, r in results.items():
         ratio = ours["pairs_per_s"] / r["pairs_per_s"] if ours else float("nan")
-        print(f"{arm:<8} {r['pairs_per_s']:>8.2f} {ratio:>7.2f} {r['peak_rss_mb']:>12.0f} {r['gflops']:>8.1f} "
-              f"{100 * share(r['gflops'], args.precision, peaks):>6.0f}% {r['wall_s']:>7.1f}")
+        print(
+            f"{arm:<8} {r['pairs_per_s']:>8.2f} {ratio:>7.2f} {r['peak_rss_mb']:>12.0f} {r['gflops']:>8.1f} "
+            f"{100 * share(r['gflops'], args.precision, peaks):>6.0f}% {r['wall_s']:>7.1f}"
+        )
     if ours:
-        print(f"ours: reference log-probs precomputed once at {ours['ref_precompute_pairs_per_s']:.1f} pairs/s "
-              "(not in the step times; trl's default pays a reference forward every step)")
+        print(
+            f"ours: reference log-probs precomputed once at {ours['ref_precompute_pairs_per_s']:.1f} pairs/s "
+            "(not in the step times; trl's default pays a reference forward every step)"
+        )
         for arm in (a for a in results if a != "ours"):
             r = results[arm]
-            print(f"ours vs {arm}: throughput x{ours['pairs_per_s'] / r['pairs_per_s']:.2f}, "
-                  f"peak memory x{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}")
+            print(
+                f"ours vs {arm}: throughput x{ours['pairs_per_s'] / r['pairs_per_s']:.2f}, "
+                f"peak memory x{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}"
+            )
 
 
 def _trl_version() -> str:
@@ -281,16 +343,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arm", choices=["ours", "trl", "trl-pc"], help="(internal) run one arm and print RESULT")
     ap.add_argument("--arms", default="ours,trl", help="comma list of ours, trl, trl-pc")
-    ap.add_argument("--lm", default="smollm2",
-                    help="smollm2 | random (mid-size random Llama) | tiny (seconds: a check) | local folder")
+    ap.add_argument(
+        "--lm",
+        default="smollm2",
+        help="smollm2 | random (mid-size random Llama) | tiny (seconds: a check) | local folder",
+    )
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
-                    help="both arms: bf16 autocast over fp32 weights, or plain fp32")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="bf16",
+        help="both arms: bf16 autocast over fp32 weights, or plain fp32",
+    )
     args = ap.parse_args()
     child(args) if args.arm else parent(args)
 

@@ -9,6 +9,7 @@ measuring at the start of a run, at that run's thread count, sets each row again
 machine gives now. bf16 is timed on bf16 tensors (what autocast hands the matmul kernels).
 Nothing runs at import.
 """
+
 from __future__ import annotations
 
 import statistics

@@ -19,6 +19,7 @@ predicts; the encoder's layers on padded tokens), x3 for a training step (an upp
 base weights are frozen: their backward computes input gradients only). "of peak" is against the
 matmul peak of the row's precision, measured at --threads at the start (benchmarks/peak.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from peak import describe, measure_peaks, median_seconds, share
 
 PRECISIONS = ("fp32", "bf16")
@@ -77,6 +79,7 @@ def measure(fn, repeats: int) -> float:
 
 # ---------------------------------------------------------------- captioner cases
 
+
 def build_captioner(lm: str, prec: str, grid: torch.Tensor):
     """The default preset's captioner (or the smoke one's for lm="tiny") for grid [N, T, 4, C]."""
     from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
@@ -120,6 +123,7 @@ def training(model, opt, loss_fn):
         loss = loss_fn()
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -136,9 +140,19 @@ def dpo_rows(x: Inputs) -> list[dict]:
     """One twin group of 4 videos: K=4 captions with distinct rewards (every pair used), the other
     3 videos as negatives; reference log-probs are made up (their values do not change the cost)."""
     ids = x.ids[:4]
-    return [{"video_id": v, "group": "g0", "captions": x.captions[v], "rewards": [0.1, 0.4, 0.2, 0.3],
-             "ref_logps": [-30.0, -28.0, -31.0, -29.0], "best": 1,
-             "negatives": [u for u in ids if u != v], "ref_cross_logps": [-33.0, -34.0, -35.0]} for v in ids]
+    return [
+        {
+            "video_id": v,
+            "group": "g0",
+            "captions": x.captions[v],
+            "rewards": [0.1, 0.4, 0.2, 0.3],
+            "ref_logps": [-30.0, -28.0, -31.0, -29.0],
+            "best": 1,
+            "negatives": [u for u in ids if u != v],
+            "ref_cross_logps": [-33.0, -34.0, -35.0],
+        }
+        for v in ids
+    ]
 
 
 def dpo_case(model, x: Inputs):
@@ -174,10 +188,12 @@ def logprob_case(model, x: Inputs):
     def run():
         with torch.no_grad():
             model.eval().logprob(feats, caps)
+
     return run, len(caps), "seq/s", lm_flops(model, 8, caps, 1)
 
 
 # ---------------------------------------------------------------- retriever case
+
 
 def retriever_case(encoder: str, prec: str, x: Inputs):
     """16 pairs: query = a video's first sentence, candidate = its features + its second sentence."""
@@ -208,8 +224,7 @@ def retriever_flops(model, queries: list[str], captions: list[str]) -> float:
 
 # ---------------------------------------------------------------- driver
 
-CAPTIONER_CASES = {"sft step": sft_case, "dpo step": dpo_case, "generate (n=4)": generate_case,
-                   "logprob": logprob_case}
+CAPTIONER_CASES = {"sft step": sft_case, "dpo step": dpo_case, "generate (n=4)": generate_case, "logprob": logprob_case}
 
 
 def run_cases(args, x: Inputs) -> list[dict]:
@@ -239,8 +254,10 @@ def print_table(rows: list[dict], peaks: dict[str, float]) -> dict[str, float]:
     print(f"\n{'case':16} {'prec':5} {'median s':>9} {'rate':>18} {'GFLOP/s':>8} {'of peak':>8} {'bf16 x':>7}")
     for r in rows:
         up = f"{speedup[r['case']]:.2f}x" if r["prec"] == "bf16" else ""
-        print(f"{r['case']:16} {r['prec']:5} {r['s']:9.3f} {r['rate']:>10.1f} {r['unit']:<7} {r['gflops']:8.1f} "
-              f"{share(r['gflops'], r['prec'], peaks):8.0%} {up:>7}")
+        print(
+            f"{r['case']:16} {r['prec']:5} {r['s']:9.3f} {r['rate']:>10.1f} {r['unit']:<7} {r['gflops']:8.1f} "
+            f"{share(r['gflops'], r['prec'], peaks):8.0%} {up:>7}"
+        )
     return speedup
 
 
@@ -257,8 +274,11 @@ def main() -> None:
     from caredpo.precision import cpu_has_bf16
 
     x = load_inputs(args.data)
-    print(f"threads={args.threads} lm={args.lm} text encoder={args.text_encoder} inputs={args.data or 'random'} "
-          f"native bf16 CPU={cpu_has_bf16()}; {describe(peaks)}; median of {args.repeats}", flush=True)
+    print(
+        f"threads={args.threads} lm={args.lm} text encoder={args.text_encoder} inputs={args.data or 'random'} "
+        f"native bf16 CPU={cpu_has_bf16()}; {describe(peaks)}; median of {args.repeats}",
+        flush=True,
+    )
     speedup = print_table(run_cases(args, x), peaks)
     print(f"bf16 speed-up on an SFT step: {speedup['sft step']:.2f}x")
 

@@ -9,6 +9,7 @@
    vectors, top-10: exact torch matmul + topk, FAISS IndexFlatIP (exact), FAISS IVF (approximate,
    recall@10 against exact shown) and HNSW. Medians over repeats; ratios against torch exact.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+
 from peak import describe, measure_peaks, median_seconds, share
 
 DIM, K = 384, 10
@@ -28,7 +30,9 @@ def query_encoding(repeats: int, batch: int = 64) -> dict:
     words = "a small red circle slides from left to right over the grass and turns blue halfway".split()
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(words, size=rng.integers(6, 16))) for _ in range(batch)]
-    n_tok = model.tokenizer(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")["input_ids"].numel()
+    n_tok = model.tokenizer(texts, truncation=True, max_length=32, padding=True, return_tensors="pt")[
+        "input_ids"
+    ].numel()
     with torch.no_grad():
         model.encode_queries(texts)  # warm-up
         sec = median_seconds(lambda: model.encode_queries(texts), repeats)
@@ -44,7 +48,6 @@ def unit(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def search_rows(n_query: int, n_gallery: int, repeats: int) -> list[tuple[str, float, float, float]]:
     """[(method, build s, search s, recall@10 vs exact)]."""
-    import faiss
 
     rng = np.random.default_rng(0)
     # clustered gallery (like real embeddings); queries near gallery items
@@ -62,7 +65,7 @@ def search_rows(n_query: int, n_gallery: int, repeats: int) -> list[tuple[str, f
         built = time.perf_counter() - t
         _, found = index.search(queries, K)
         recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(found, exact)])
-        rows.append((name, built, median_seconds(lambda: index.search(queries, K), repeats), float(recall)))
+        rows.append((name, built, median_seconds(lambda index=index: index.search(queries, K), repeats), float(recall)))
     return rows
 
 
@@ -88,7 +91,7 @@ def _faiss_indexes(n: int) -> dict:
         index.add(x)
         return index
 
-    out = {"faiss IndexFlatIP (exact)": flat, f"faiss IVFFlat (nprobe=nlist/16)": ivf}
+    out = {"faiss IndexFlatIP (exact)": flat, "faiss IVFFlat (nprobe=nlist/16)": ivf}
     if n >= 10_000:
         out["faiss HNSW32 (efSearch=64)"] = hnsw
     return out
@@ -107,8 +110,10 @@ def main() -> None:
     peaks = measure_peaks(repeats=args.repeats)
     enc = query_encoding(args.repeats)
     print(f"threads {args.threads}; {describe(peaks)} (median of {args.repeats})")
-    print(f"query encoding (MiniLM-L6, batch {enc['batch']}, {enc['tokens']} padded tokens): "
-          f"{enc['queries_per_s']:.0f} queries/s, {enc['gflops']:.0f} GFLOP/s = {share(enc['gflops'], 'fp32', peaks):.0%} of fp32 peak")
+    print(
+        f"query encoding (MiniLM-L6, batch {enc['batch']}, {enc['tokens']} padded tokens): "
+        f"{enc['queries_per_s']:.0f} queries/s, {enc['gflops']:.0f} GFLOP/s = {share(enc['gflops'], 'fp32', peaks):.0%} of fp32 peak"
+    )
     for n_gallery in (1000, args.gallery):
         rows = search_rows(1000, n_gallery, args.repeats)
         base = rows[0][2]

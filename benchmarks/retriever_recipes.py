@@ -10,6 +10,7 @@ split three ways: with oracle captions (a specific reference sentence that is no
 the run's SFT test captions (captions/sft_test.jsonl), and with no caption. What a variant costs:
 docs/results.md, "Measurements behind the code".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,13 @@ import torch
 # go to its RetrieverConfig)
 VARIANTS: dict[str, dict] = {
     "default": {},  # specific queries and captions, 25% generated captions, whole encoder, 100 steps
-    "uniform": {"query_sentences": "all", "caption_sentences": "all", "generated_caption_prob": None,
-                "epochs": 2, "model": {"train_layers": 2, "max_caption_tokens": 32}},  # the recipe before
+    "uniform": {
+        "query_sentences": "all",
+        "caption_sentences": "all",
+        "generated_caption_prob": None,
+        "epochs": 2,
+        "model": {"train_layers": 2, "max_caption_tokens": 32},
+    },  # the recipe before
     "top2": {"model": {"train_layers": 2}},
     "oracle_only": {"generated_caption_prob": 0.0},
     "gen50": {"generated_caption_prob": 0.5},
@@ -55,8 +61,11 @@ def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) ->
     model, _ = train_retriever(cfg, dataset, store, out / name, caption_pool=pool, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t0
     sft = first_captions(load_captions(layout.captions("sft", "test")))
-    row = {"variant": name, "steps": json.loads(TrainerFiles(out / name).metrics.read_text())["step"],
-           "seconds": round(seconds, 1)}
+    row = {
+        "variant": name,
+        "steps": json.loads(TrainerFiles(out / name).metrics.read_text())["step"],
+        "seconds": round(seconds, 1),
+    }
     for arm, caps in (("oracle", reference_captions(dataset, "test", seed=0)), ("sft", sft), ("none", None)):
         m = evaluate(model.eval(), dataset, store, caps, "test")
         row[arm] = {"R1": m["t2v"]["R1"], "R5": m["t2v"]["R5"], "twin_acc": m["twin_acc"]}
@@ -66,7 +75,10 @@ def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) ->
 
 def print_table(rows: list[dict]) -> None:
     arms = ("oracle", "sft", "none")
-    print(f"{'variant':14s} {'steps':>5s} {'train s':>7s} " + " ".join(f"{a + ' R@1':>10s} {a + ' twin':>11s}" for a in arms))
+    print(
+        f"{'variant':14s} {'steps':>5s} {'train s':>7s} "
+        + " ".join(f"{a + ' R@1':>10s} {a + ' twin':>11s}" for a in arms)
+    )
     for r in rows:
         cells = " ".join(f"{r[a]['R1']:10.1f} {r[a]['twin_acc']:11.1f}" for a in arms)
         print(f"{r['variant']:14s} {r['steps']:5d} {r['seconds']:7.1f} {cells}")

@@ -17,6 +17,7 @@
    GFLOP/s of the exact searches (fp32) against the fp32 matmul peak measured at --threads
    (benchmarks/peak.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,7 @@ DIM, K, QUERIES = 384, 10, 1000
 
 # ---------------------------------------------------------------- DG-DPO, 1 vs 2 processes
 
+
 def _dpo_inputs(run: Path | None):
     """(policy, preference rows, features fn): the run's captioner and groups, or tiny stand-ins."""
     from caredpo.dpo.train import load_groups
@@ -60,20 +62,33 @@ def _tiny_inputs():
     from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
 
     torch.manual_seed(0)
-    policy = VideoCaptioner(CaptionerConfig(lm="tiny", feature_dim=64, num_frames=4, projector_hidden=64, lora_layers=-1))
+    policy = VideoCaptioner(
+        CaptionerConfig(lm="tiny", feature_dim=64, num_frames=4, projector_hidden=64, lora_layers=-1)
+    )
     policy.set_trainable()
     ids = [f"g{g}v{i}" for g in range(8) for i in range(4)]
     table = dict(zip(ids, torch.randn(len(ids), 4, 4, 64)))
     caps = ["a red circle moves left", "a red circle moves right", "a blue square", "a ball bounces twice"]
-    rows = [{"video_id": v, "group": v[:2], "captions": caps, "rewards": [0.1, 0.4, 0.2, 0.3],
-             "ref_logps": [-20.0] * 4, "best": 1, "negatives": [u for u in ids if u[:2] == v[:2] and u != v],
-             "ref_cross_logps": [-21.0] * 3} for v in ids]
+    rows = [
+        {
+            "video_id": v,
+            "group": v[:2],
+            "captions": caps,
+            "rewards": [0.1, 0.4, 0.2, 0.3],
+            "ref_logps": [-20.0] * 4,
+            "best": 1,
+            "negatives": [u for u in ids if u[:2] == v[:2] and u != v],
+            "ref_cross_logps": [-21.0] * 3,
+        }
+        for v in ids
+    ]
     return policy, rows, lambda vs: torch.stack([table[v] for v in vs])
 
 
 def _dpo_worker(rank: int, world: int, port: int, run: str | None, out: str, steps: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
     import caredpo.dpo.train as trainer
@@ -114,10 +129,14 @@ def dpo_rows(run: Path | None, steps: int, repeats: int) -> list[tuple[int, floa
     out = []
     for world in (1, 2):
         medians, cpu = [], []
-        for rep in range(repeats):
+        for _ in range(repeats):
             with tempfile.TemporaryDirectory() as tmp:
-                mp.spawn(_dpo_worker, args=(world, _free_port(), str(run) if run else None, tmp, steps),
-                         nprocs=world, join=True)
+                mp.spawn(
+                    _dpo_worker,
+                    args=(world, _free_port(), str(run) if run else None, tmp, steps),
+                    nprocs=world,
+                    join=True,
+                )
                 medians.append(statistics.median(json.loads(Path(tmp, "step_times.json").read_text())))
                 cpu += [statistics.median(json.loads(Path(tmp, f"cpu{r}.json").read_text())) for r in range(world)]
         out.append((world, statistics.median(medians), statistics.median(cpu), medians))
@@ -125,6 +144,7 @@ def dpo_rows(run: Path | None, steps: int, repeats: int) -> list[tuple[int, floa
 
 
 # ---------------------------------------------------------------- search at scale
+
 
 def unit(n: int, rng: np.random.Generator) -> np.ndarray:
     x = rng.standard_normal((n, DIM), dtype=np.float32)
@@ -138,7 +158,7 @@ def clustered(n_gallery: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
     centres = unit(1024, rng)
     gallery = centres[rng.integers(0, 1024, n_gallery)]
     for i in range(0, n_gallery, 100_000):  # in place, in slices: no second 1.5 GB temporary
-        gallery[i:i + 100_000] += 0.5 * unit(min(100_000, n_gallery - i), rng)
+        gallery[i : i + 100_000] += 0.5 * unit(min(100_000, n_gallery - i), rng)
     gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
     truth = rng.integers(0, n_gallery, QUERIES)
     queries = gallery[truth] + 0.3 * unit(QUERIES, rng)
@@ -158,8 +178,7 @@ def timed(fn, repeats: int):
 
 def search_rows(n_gallery: int, repeats: int, hnsw: bool) -> tuple[list[tuple], tuple]:
     """[(method, build s, search s, recall@10)], and (ranks: torch s, FAISS s, agree)."""
-    from caredpo.retrieval.search import (SearchConfig, build_index, counted_ranks, search_index, t2v_ranks,
-                                          topk)
+    from caredpo.retrieval.search import SearchConfig, build_index, counted_ranks, search_index, t2v_ranks, topk
 
     q, g, truth = clustered(n_gallery)
     exact_cfg = SearchConfig(exact_max=n_gallery)
@@ -172,7 +191,7 @@ def search_rows(n_gallery: int, repeats: int, hnsw: bool) -> tuple[list[tuple], 
         t0 = time.perf_counter()
         index = build_index(g, cfg)
         built = time.perf_counter() - t0
-        sec, (_, found) = timed(lambda: search_index(index, q, K, cfg.chunk), repeats)
+        sec, (_, found) = timed(lambda index=index, cfg=cfg: search_index(index, q, K, cfg.chunk), repeats)
         recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / K for a, b in zip(found, exact)])
         rows.append((name, built, sec, float(recall)))
         del index
@@ -182,6 +201,7 @@ def search_rows(n_gallery: int, repeats: int, hnsw: bool) -> tuple[list[tuple], 
 
 
 # ---------------------------------------------------------------- main
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -199,15 +219,23 @@ def main() -> None:
 
         run = args.run if RunLayout.load(args.run).groups.exists() else None
         what = f"{run}: SFT captioner, its preference groups" if run else "tiny random captioner (no run found)"
-        print(f"DG-DPO, {what}; 2 twin groups a step, gloo, 1 thread a process; "
-              f"median step of {args.steps} (after 1 warm-up), median of {args.repeats} repeats", flush=True)
+        print(
+            f"DG-DPO, {what}; 2 twin groups a step, gloo, 1 thread a process; "
+            f"median step of {args.steps} (after 1 warm-up), median of {args.repeats} repeats",
+            flush=True,
+        )
         rows = dpo_rows(run, args.steps, args.repeats)
         base = rows[0][1]
-        print(f"{'processes':>9s} {'step s':>8s} {'steps/s':>8s} {'groups/s':>9s} {'speed-up':>9s} "
-              f"{'CPU s/step/proc':>16s}  per-repeat medians")
+        print(
+            f"{'processes':>9s} {'step s':>8s} {'steps/s':>8s} {'groups/s':>9s} {'speed-up':>9s} "
+            f"{'CPU s/step/proc':>16s}  per-repeat medians"
+        )
         for world, sec, cpu, medians in rows:
-            print(f"{world:9d} {sec:8.2f} {1 / sec:8.3f} {2 / sec:9.3f} {base / sec:8.2f}x {cpu:16.2f}  "
-                  + " ".join(f"{m:.2f}" for m in medians), flush=True)
+            print(
+                f"{world:9d} {sec:8.2f} {1 / sec:8.3f} {2 / sec:9.3f} {base / sec:8.2f}x {cpu:16.2f}  "
+                + " ".join(f"{m:.2f}" for m in medians),
+                flush=True,
+            )
         print(f"machine load while measured (1-min average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if not args.skip_search:
         import faiss
@@ -217,17 +245,22 @@ def main() -> None:
         peaks = measure_peaks()  # at --threads
         rows, (t_count, t_faiss, agree, median_rank) = search_rows(args.gallery, args.repeats, args.hnsw)
         flop = 2 * QUERIES * args.gallery * DIM
-        print(f"\nsearch {QUERIES} queries x {args.gallery:,} x {DIM}-d gallery, top-{K}, {args.threads} threads "
-              f"(median of {args.repeats}); {describe(peaks)}")
-        print(f"{'method':30s} {'build s':>8s} {'search s':>9s} {'GFLOP/s':>8s} {'of fp32 peak':>13s} "
-              f"{'recall@10':>10s}")
+        print(
+            f"\nsearch {QUERIES} queries x {args.gallery:,} x {DIM}-d gallery, top-{K}, {args.threads} threads "
+            f"(median of {args.repeats}); {describe(peaks)}"
+        )
+        print(
+            f"{'method':30s} {'build s':>8s} {'search s':>9s} {'GFLOP/s':>8s} {'of fp32 peak':>13s} {'recall@10':>10s}"
+        )
         for name, built, sec, recall in rows:  # GFLOP/s only where the whole product is computed (fp32)
             exact = "HNSW" not in name
             rate = f"{flop / sec / 1e9:8.0f}" if exact else f"{'-':>8s}"
             of_peak = f"{share(flop / sec / 1e9, 'fp32', peaks):13.0%}" if exact else f"{'-':>13s}"
             print(f"{name:30s} {built:8.1f} {sec:9.2f} {rate} {of_peak} {recall:10.3f}")
-        print(f"pessimistic ranks (evaluation): exact chunked count {t_count:.2f} s, FAISS top-100 + count "
-              f"{t_faiss:.2f} s; identical: {agree} (median rank {median_rank:.0f})")
+        print(
+            f"pessimistic ranks (evaluation): exact chunked count {t_count:.2f} s, FAISS top-100 + count "
+            f"{t_faiss:.2f} s; identical: {agree} (median rank {median_rank:.0f})"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ state each factor right. `default` is the `default` preset's recipe (1000 steps 
 alignment, then 150 steps of 8 videos x 2 specific sentences); `no_align` leaves the alignment out. What a
 variant costs on a CPU and on a GPU: docs/results.md, "Measurements behind the code".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,12 +52,22 @@ def run_variant(name: str, dataset, store, device: str, out: Path, lm: str = "sm
     test = dataset.split("test")
     captions = []
     for i in range(0, len(test), 100):
-        feats = store.grid_feats([v.id for v in test[i:i + 100]])
-        captions += [c[0] for c in model.generate(feats, n=1, temperature=0.0,
-                                                  max_new_tokens=preset.test_captions.max_new_tokens, seed=0)]
-    row = {"variant": name, "steps": sft.steps, "val_nll": res["final_val_loss"], "sft_seconds": round(seconds, 1),
-           "right": factor_scores((c, v.factors) for c, v in zip(captions, test)),
-           "distinct_captions": len(set(captions)), "captions": dict(zip([v.id for v in test], captions))}
+        feats = store.grid_feats([v.id for v in test[i : i + 100]])
+        captions += [
+            c[0]
+            for c in model.generate(
+                feats, n=1, temperature=0.0, max_new_tokens=preset.test_captions.max_new_tokens, seed=0
+            )
+        ]
+    row = {
+        "variant": name,
+        "steps": sft.steps,
+        "val_nll": res["final_val_loss"],
+        "sft_seconds": round(seconds, 1),
+        "right": factor_scores((c, v.factors) for c, v in zip(captions, test)),
+        "distinct_captions": len(set(captions)),
+        "captions": dict(zip([v.id for v in test], captions)),
+    }
     (out / f"{name}.json").write_text(json.dumps(row, indent=1))
     return row
 

@@ -1,4 +1,5 @@
 """Shared test helpers. `write_mp4` makes tiny real H.264 files with PyAV (no other tool)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +33,10 @@ def write_mp4(path: str | Path, num_frames: int = 8, size: int = 32, seed: int =
 @pytest.fixture
 def mp4_factory(tmp_path):
     """mp4_factory("a.mp4", num_frames=8, size=32, seed=0) -> Path under tmp_path."""
+
     def make(name: str, **kw) -> Path:
         return write_mp4(tmp_path / name, **kw)
+
     return make
 
 

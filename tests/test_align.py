@@ -1,5 +1,6 @@
 """Projector alignment (the first phase of SFT): pure functions against hand-worked values and a
 naive loop, then the phase itself on the tiny captioner."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caredpo.captioner.align import (align_projector, bag_of_words_loss, bag_of_words_targets, caption_vocabulary,
-                                     word_logits)
+from caredpo.captioner.align import (
+    align_projector,
+    bag_of_words_loss,
+    bag_of_words_targets,
+    caption_vocabulary,
+    word_logits,
+)
 from caredpo.captioner.model import VideoCaptioner
 from caredpo.captioner.sft import SFTConfig, train_sft
 from caredpo.io import read_json
@@ -63,8 +69,9 @@ def test_alignment_lowers_its_loss_and_moves_only_the_projector():
     lm0 = {n: p.detach().clone() for n, p in model.lm.named_parameters()}
     proj0 = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
     sentences = {v.id: ds.sentences_of(v.id) for v in ds.videos}
-    out = align_projector(model, store, sentences, list(sentences), steps=80, lr=3e-3, batch_videos=8,
-                          show_progress=False)
+    out = align_projector(
+        model, store, sentences, list(sentences), steps=80, lr=3e-3, batch_videos=8, show_progress=False
+    )
     assert out["steps"] == 80 and out["vocab_size"] > 4
     assert out["last_loss"] < out["first_loss"] - 0.2  # the colour word tells the four clips apart
     assert all(torch.equal(p, lm0[n]) for n, p in model.lm.named_parameters())
@@ -76,8 +83,15 @@ def test_sft_runs_alignment_first_and_records_it(tmp_path):
     cfg = SFTConfig(steps=2, videos_per_step=2, captions_per_video=1, align_steps=5, val_fraction=0.0)
     result = train_sft(VideoCaptioner(TINY), ds, store, tmp_path / "run", cfg, show_progress=False, log=lambda s: None)
     assert result["align"]["steps"] == 5 and read_json(tmp_path / "run" / "align.json") == result["align"]
-    off = train_sft(VideoCaptioner(TINY), ds, store, tmp_path / "off", SFTConfig(**{**cfg.__dict__, "align_steps": 0}),
-                    show_progress=False, log=lambda s: None)
+    off = train_sft(
+        VideoCaptioner(TINY),
+        ds,
+        store,
+        tmp_path / "off",
+        SFTConfig(**{**cfg.__dict__, "align_steps": 0}),
+        show_progress=False,
+        log=lambda s: None,
+    )
     assert off["align"] is None and not (tmp_path / "off" / "align.json").exists()
 
 

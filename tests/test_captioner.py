@@ -1,4 +1,5 @@
 """Captioner: log-probs, sampling, SFT, save/load, caption files — all on the tiny random Llama."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,8 +8,16 @@ import pytest
 import torch
 
 from caredpo.captioner.base import Captioner
-from caredpo.captioner.factors import (direction_correct, factor_correct, factor_scores, first_mention,
-                                      motion_correct, stated_directions, stated_events, stated_motion_kinds)
+from caredpo.captioner.factors import (
+    direction_correct,
+    factor_correct,
+    factor_scores,
+    first_mention,
+    motion_correct,
+    stated_directions,
+    stated_events,
+    stated_motion_kinds,
+)
 from caredpo.captioner.generate import SamplingConfig, generate_captions, load_captions
 from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
 from caredpo.captioner.sampling import pick_tokens
@@ -17,8 +26,12 @@ from caredpo.io import read_jsonl
 from caredpo.records import DataError, Dataset, Sentence, Video
 
 TINY = CaptionerConfig(lm="tiny", projector_hidden=32, lora_layers=-1, lora_rank=4)
-CAPS = ["a red circle moves from left to right", "a blue square", "x",
-        "a small green star slides down over the sand and turns yellow halfway"]
+CAPS = [
+    "a red circle moves from left to right",
+    "a blue square",
+    "x",
+    "a small green star slides down over the sand and turns yellow halfway",
+]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -53,7 +66,9 @@ class FakeStore:
 def tiny_dataset(n_clips: int = 4) -> Dataset:
     words = ["red", "blue", "green", "yellow"]
     videos = [Video(f"v{i}", f"v{i}.mp4", "train", group=f"g{i}") for i in range(n_clips)]
-    sentences = [Sentence(f"v{i}", f"a {words[i % 4]} circle moves {d}") for i in range(n_clips) for d in ("up", "down")]
+    sentences = [
+        Sentence(f"v{i}", f"a {words[i % 4]} circle moves {d}") for i in range(n_clips) for d in ("up", "down")
+    ]
     return Dataset(root=".", videos=videos, sentences=sentences)
 
 
@@ -62,7 +77,7 @@ def reference_logprob(m: VideoCaptioner, f: torch.Tensor, captions: list[str]) -
     out = []
     for i, c in enumerate(captions):
         ids = m.tokenizer(c, add_special_tokens=False).input_ids + [m.eos_id]
-        pre = m.prefix_embeds(f[i:i + 1])
+        pre = m.prefix_embeds(f[i : i + 1])
         emb = torch.cat([pre, m.embed(torch.tensor([ids]))], 1)
         logp = m.lm(inputs_embeds=emb).logits[0].log_softmax(-1)
         P = pre.shape[1]
@@ -86,7 +101,7 @@ def test_logprob_equals_plain_forward_sum(model):
 def test_padding_and_batch_mates_do_not_change_logprob(model):
     f = feats(4)
     with torch.no_grad():
-        alone = torch.cat([model.logprob(f[i:i + 1], [c]) for i, c in enumerate(CAPS)])
+        alone = torch.cat([model.logprob(f[i : i + 1], [c]) for i, c in enumerate(CAPS)])
         batched = model.logprob(f, CAPS)  # "x" is padded to the longest caption
         repeated = model.logprob(torch.cat([f, f[:2]]), CAPS + CAPS[:2])  # shared prefixes
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-5)
@@ -120,9 +135,14 @@ def test_greedy_matches_hf_generate(model):
     ours = model.generate(f, n=1, temperature=0, max_new_tokens=10)
     with torch.no_grad():
         pre = model.prefix_embeds(f)
-        out = model.base_lm.generate(inputs_embeds=pre, attention_mask=torch.ones(pre.shape[:2], dtype=torch.long),
-                                     do_sample=False, max_new_tokens=10, eos_token_id=model.eos_id,
-                                     pad_token_id=model.pad_id)
+        out = model.base_lm.generate(
+            inputs_embeds=pre,
+            attention_mask=torch.ones(pre.shape[:2], dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=10,
+            eos_token_id=model.eos_id,
+            pad_token_id=model.pad_id,
+        )
     hf = [model.decode_ids(row) for row in out.tolist()]
     assert [x[0] for x in ours] == hf
 
@@ -149,8 +169,9 @@ def test_colour_channels_are_normalised_apart_from_the_cnn_ones():
     m = VideoCaptioner(replace(TINY, colour_bins=8))
     x, c = feats(2), torch.rand(2, 8, 4, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # each part's units drop out: CNN x100 and colour x0.1 give the same tokens
-        torch.testing.assert_close(m.projector(torch.cat([x, c], -1)), m.projector(torch.cat([100 * x, 0.1 * c], -1)),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            m.projector(torch.cat([x, c], -1)), m.projector(torch.cat([100 * x, 0.1 * c], -1)), rtol=1e-4, atol=1e-4
+        )
     with pytest.raises(ValueError, match=r"1280 CNN \+ 8 colour channels"):
         m.logprob(x, ["a red circle", "a blue square"])
 
@@ -212,8 +233,16 @@ def test_sft_overfits_a_handful_of_clips(tmp_path):
     base0 = {n: p.detach().clone() for n, p in model.lm.named_parameters() if "lora_" not in n}
     lora0 = {n: p.detach().clone() for n, p in model.lm.named_parameters() if "lora_" in n}
     proj0 = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
-    cfg = SFTConfig(steps=60, videos_per_step=4, captions_per_video=2, lr_projector=1e-2, lr_lora=1e-2,
-                    warmup_steps=2, val_fraction=0.0, save_every=0)
+    cfg = SFTConfig(
+        steps=60,
+        videos_per_step=4,
+        captions_per_video=2,
+        lr_projector=1e-2,
+        lr_lora=1e-2,
+        warmup_steps=2,
+        val_fraction=0.0,
+        save_every=0,
+    )
     result = train_sft(model, ds, store, tmp_path / "run", cfg, show_progress=False, log=lambda s: None)
     losses = [r["loss"] for r in read_jsonl(tmp_path / "run" / "log.jsonl")]
     assert len(losses) == 60 and result["steps_done"] == 60
@@ -223,8 +252,10 @@ def test_sft_overfits_a_handful_of_clips(tmp_path):
     assert all(not torch.equal(p, proj0[n]) for n, p in model.projector.named_parameters())
     loaded = VideoCaptioner.from_pretrained(tmp_path / "run")  # the run folder resolves to run/model
     with torch.no_grad():
-        torch.testing.assert_close(loaded.logprob(store.grid_feats(["v0"]), ["a red circle moves up"]),
-                                   model.eval().logprob(store.grid_feats(["v0"]), ["a red circle moves up"]))
+        torch.testing.assert_close(
+            loaded.logprob(store.grid_feats(["v0"]), ["a red circle moves up"]),
+            model.eval().logprob(store.grid_feats(["v0"]), ["a red circle moves up"]),
+        )
 
 
 def test_sft_resume_continues_exactly(tmp_path, monkeypatch):
@@ -250,7 +281,16 @@ def test_sft_resume_continues_exactly(tmp_path, monkeypatch):
     resumed = VideoCaptioner(TINY)
     train_sft(resumed, ds, store, tmp_path / "b", cfg, resume=True, show_progress=False, log=lambda s: None)
     steps = [r["step"] for r in read_jsonl(tmp_path / "b" / "log.jsonl")]
-    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # step 4 was logged, dropped on resume (after the step-3 checkpoint), redone
+    assert steps == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        8,
+    ]  # step 4 was logged, dropped on resume (after the step-3 checkpoint), redone
     for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q, msg=n)
 
@@ -282,21 +322,24 @@ def test_generate_file_resumes_without_duplicates(model, tmp_path, monkeypatch):
         generate_captions(model, store, ids, tmp_path / "b.jsonl", SamplingConfig(n=1), show_progress=False)
 
 
-@pytest.mark.parametrize("caption, motion, ok", [
-    ("a red circle slides from left to right over the grass", "left-to-right", True),
-    ("a red circle moves from right to left over the grass", "left-to-right", False),
-    ("a blue star slides to the left and sees a ring leave to the right", "right-to-left", True),
-    ("a blue star shares the scene with a ring that leaves to the right", "left-to-right", False),
-    ("a square goes around counterclockwise", "anticlockwise", True),
-    ("a square moves in a counterclockwise circle", "clockwise", False),
-    ("a square circles clockwise", "clockwise", True),
-    ("a ring rises and then turns green", "up", True),
-    ("a ring moves diagonally up to the left", "up-left", True),
-    ("a ring moves diagonally up to the left", "up", False),
-    ("a ring moves diagonally across the sand", "down-right", False),
-    ("a ring on sand", "down", False),
-    ("a ring stays in one place while a star enters from the left", "still", True),
-])
+@pytest.mark.parametrize(
+    "caption, motion, ok",
+    [
+        ("a red circle slides from left to right over the grass", "left-to-right", True),
+        ("a red circle moves from right to left over the grass", "left-to-right", False),
+        ("a blue star slides to the left and sees a ring leave to the right", "right-to-left", True),
+        ("a blue star shares the scene with a ring that leaves to the right", "left-to-right", False),
+        ("a square goes around counterclockwise", "anticlockwise", True),
+        ("a square moves in a counterclockwise circle", "clockwise", False),
+        ("a square circles clockwise", "clockwise", True),
+        ("a ring rises and then turns green", "up", True),
+        ("a ring moves diagonally up to the left", "up-left", True),
+        ("a ring moves diagonally up to the left", "up", False),
+        ("a ring moves diagonally across the sand", "down-right", False),
+        ("a ring on sand", "down", False),
+        ("a ring stays in one place while a star enters from the left", "still", True),
+    ],
+)
 def test_direction_check(caption, motion, ok):
     assert direction_correct(caption, {"motion": motion}) is ok
 
@@ -306,17 +349,20 @@ def test_direction_check_without_motion_factor():
     assert stated_directions("It moves from right to left, then rises!") == {"right-to-left", "up"}
 
 
-@pytest.mark.parametrize("caption, motion, ok", [
-    ("a red circle moves horizontally over the grass", "right-to-left", True),   # generic, right
-    ("a red circle slides to the left", "left-to-right", True),                  # wrong way, right kind
-    ("a red circle moves across the grass", "up", False),                        # "across" = horizontal
-    ("a ring moves diagonally across the sand", "down-right", True),             # not also "moves across"
-    ("a square moves in a clockwise circle", "anticlockwise", True),
-    ("a square goes around in a loop", "clockwise", True),
-    ("a square moves in a circle and then rises", "clockwise", False),           # two kinds stated
-    ("a star stays still on the sand", "still", True),
-    ("a star on the sand", "still", False),                                      # nothing stated
-])
+@pytest.mark.parametrize(
+    "caption, motion, ok",
+    [
+        ("a red circle moves horizontally over the grass", "right-to-left", True),  # generic, right
+        ("a red circle slides to the left", "left-to-right", True),  # wrong way, right kind
+        ("a red circle moves across the grass", "up", False),  # "across" = horizontal
+        ("a ring moves diagonally across the sand", "down-right", True),  # not also "moves across"
+        ("a square moves in a clockwise circle", "anticlockwise", True),
+        ("a square goes around in a loop", "clockwise", True),
+        ("a square moves in a circle and then rises", "clockwise", False),  # two kinds stated
+        ("a star stays still on the sand", "still", True),
+        ("a star on the sand", "still", False),  # nothing stated
+    ],
+)
 def test_motion_kind_check(caption, motion, ok):
     assert motion_correct(caption, {"motion": motion}) is ok
 
@@ -337,38 +383,64 @@ def test_first_mention_skips_background_phrases_and_later_objects():
 
 def test_factor_scores_by_hand():
     clip = {"colour": "red", "shape": "circle", "size": "small", "background": "snow", "motion": "up"}
-    rows = [("a small red disc rises over a snowy field", clip),            # all five right
-            ("a big blue circle moves down on the sand", clip),             # shape only
-            ("a tiny red ring on white snow", clip),                        # colour, size, background
-            ("a red square", {"colour": "red", "shape": "square"})]        # no size/background/motion
+    rows = [
+        ("a small red disc rises over a snowy field", clip),  # all five right
+        ("a big blue circle moves down on the sand", clip),  # shape only
+        ("a tiny red ring on white snow", clip),  # colour, size, background
+        ("a red square", {"colour": "red", "shape": "square"}),
+    ]  # no size/background/motion
     scores = factor_scores(rows)
-    assert scores == {"n": 4, "colour": 75.0, "shape": 75.0, "size": 66.7, "background": 66.7,
-                      "motion": 66.7, "direction": 33.3}  # "moves down": right kind (vertical), wrong way
+    assert scores == {
+        "n": 4,
+        "colour": 75.0,
+        "shape": 75.0,
+        "size": 66.7,
+        "background": 66.7,
+        "motion": 66.7,
+        "direction": 33.3,
+    }  # "moves down": right kind (vertical), wrong way
 
 
-BRIEF_CLIP = {"events": [{"type": "hop", "start": 0.15}, {"type": "leave", "start": 0.2},
-                         {"type": "flash", "start": 0.6, "colour": "red"}]}
+BRIEF_CLIP = {
+    "events": [
+        {"type": "hop", "start": 0.15},
+        {"type": "leave", "start": 0.2},
+        {"type": "flash", "start": 0.6, "colour": "red"},
+    ]
+}
 
 
-@pytest.mark.parametrize("caption, clip, ok", [
-    ("a ball hops and then briefly turns red", BRIEF_CLIP, False),                     # the leave is missing
-    ("a ball sees a blue box exit to the left in the first half and hops, and later flashes red",
-     BRIEF_CLIP, True),                                                                # lasting first, then in order
-    ("a ball is left alone when a small blue plus sign leaves to the left and flashes red before it hops",
-     BRIEF_CLIP, False),                                                               # the brief pair reversed
-    ("a disc turns blue halfway", {"events": [{"type": "colour_change", "at": 0.5, "to": "blue"}]}, True),
-    ("a disc becomes turquoise in the middle", {"events": [{"type": "colour_change", "to": "cyan"}]}, True),
-    ("a disc turns red halfway", {"events": [{"type": "colour_change", "to": "blue"}]}, False),  # twin's colour
-    ("a disc shrinks halfway through", {"events": [{"type": "grow"}]}, False),
-    ("a disc on snow", {"events": [{"type": "grow"}]}, False),
-])
+@pytest.mark.parametrize(
+    "caption, clip, ok",
+    [
+        ("a ball hops and then briefly turns red", BRIEF_CLIP, False),  # the leave is missing
+        (
+            "a ball sees a blue box exit to the left in the first half and hops, and later flashes red",
+            BRIEF_CLIP,
+            True,
+        ),  # lasting first, then in order
+        (
+            "a ball is left alone when a small blue plus sign leaves to the left and flashes red before it hops",
+            BRIEF_CLIP,
+            False,
+        ),  # the brief pair reversed
+        ("a disc turns blue halfway", {"events": [{"type": "colour_change", "at": 0.5, "to": "blue"}]}, True),
+        ("a disc becomes turquoise in the middle", {"events": [{"type": "colour_change", "to": "cyan"}]}, True),
+        ("a disc turns red halfway", {"events": [{"type": "colour_change", "to": "blue"}]}, False),  # twin's colour
+        ("a disc shrinks halfway through", {"events": [{"type": "grow"}]}, False),
+        ("a disc on snow", {"events": [{"type": "grow"}]}, False),
+    ],
+)
 def test_events_check(caption, clip, ok):
     assert factor_correct(caption, clip, "events") is ok
 
 
 def test_events_stated_in_order_and_every_reference_sentence_is_right():
     assert stated_events("it first flashes red, then pulses and shrinks halfway through") == [
-        ("flash", None), ("pulse", None), ("shrink", None)]  # "shrinks halfway through" read once
+        ("flash", None),
+        ("pulse", None),
+        ("shrink", None),
+    ]  # "shrinks halfway through" read once
     assert factor_correct("anything", {}, "events") is None
     from caredpo.data.twinclips import TwinClipsConfig, plan_clips, plan_sentences
 

@@ -3,6 +3,7 @@
 Each family is built from a tiny config in code (no downloads), saved with a tiny offline
 tokenizer to a folder, and loaded back through `HFVideoCaptioner.from_pretrained(path)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ T, S = 4, 16  # frames per clip, frame side of the tiny Qwen models (patch 4, me
 SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>", "<video>", "<image>"]
 CAPS = ["a red circle moves from left to right", "a blue square", "x"]
 FAMILY_NAMES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]  # peft vs transformers 5
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
+]  # peft vs transformers 5
 
 
 def tiny_tokenizer():
@@ -33,42 +36,92 @@ def tiny_tokenizer():
 
 
 def _text(tok, **extra) -> dict:
-    return dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra)
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
 
 
 def tiny_model(kind: str, tok):
     """A random tiny model of the family; token ids taken from the tokenizer."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     mrope = {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}  # head_dim 16: 8 frequencies
-    qwen_ids = dict(video_token_id=ids["<|video_pad|>"], image_token_id=ids["<|image_pad|>"],
-                    vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    qwen_ids = dict(
+        video_token_id=ids["<|video_pad|>"],
+        image_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
     torch.manual_seed(0)
     if kind == "qwen2_vl":
-        vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
-                      temporal_patch_size=2)
-        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=_text(tok, **mrope),
-                                                              vision_config=vision, **qwen_ids))
+        vision = dict(
+            depth=1,
+            embed_dim=16,
+            hidden_size=32,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        model = Qwen2VLForConditionalGeneration(
+            Qwen2VLConfig(text_config=_text(tok, **mrope), vision_config=vision, **qwen_ids)
+        )
     elif kind == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=16, intermediate_size=32, out_hidden_size=32, num_heads=2, patch_size=4,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=8, fullatt_block_indexes=[1])
-        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=_text(tok, **mrope),
-                                                                    vision_config=vision, **qwen_ids))
+        vision = dict(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=32,
+            out_hidden_size=32,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=8,
+            fullatt_block_indexes=[1],
+        )
+        model = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config=_text(tok, **mrope), vision_config=vision, **qwen_ids)
+        )
     else:
-        vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, image_size=32, patch_size=8)
-        cfg = LlavaOnevisionConfig(text_config=_text(tok, model_type="qwen2"), vision_config=vision,
-                                   video_token_index=ids["<video>"], image_token_index=ids["<image>"],
-                                   vision_feature_layer=-1, vision_feature_select_strategy="full")
+        vision = dict(
+            model_type="siglip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+        cfg = LlavaOnevisionConfig(
+            text_config=_text(tok, model_type="qwen2"),
+            vision_config=vision,
+            video_token_index=ids["<video>"],
+            image_token_index=ids["<image>"],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
         model = LlavaOnevisionForConditionalGeneration(cfg)
     with torch.no_grad():  # HF's std 0.02 makes a near-uniform LM: give the head some opinions
         model.get_output_embeddings().weight.normal_(0.0, 0.5)
     return model.eval()
-
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +226,7 @@ def test_per_video_seeds_make_captions_batch_independent(captioners, kind):
     m = captioners[kind]
     f = clips(m, 3, seed=7)
     kw = dict(n=3, temperature=1.5, max_new_tokens=8)
-    alone = [m.generate(f[i:i + 1], seed=[100 + i], **kw)[0] for i in range(3)]
+    alone = [m.generate(f[i : i + 1], seed=[100 + i], **kw)[0] for i in range(3)]
     assert len({c for caps in alone for c in caps}) > 3  # the samples do differ
     assert m.seeds_per_video and m.generate(f, seed=[100, 101, 102], **kw) == alone
     assert m.generate(f[[2, 0, 0]], seed=[102, 100, 7], **kw)[:2] == [alone[2], alone[0]]
@@ -193,7 +246,7 @@ def test_greedy_tokens_are_the_plain_forward_argmax(captioners, kind):
         h, cache = m.prefill(f)
         toks = m.sample_loop(h, cache, 0.0, 1.0, 5, None)[0].tolist()
         logp, P = plain_logprobs(m, f[0], toks[:-1])
-    assert logp[P - 1:].argmax(-1).tolist()[:len(toks)] == toks[:len(logp) - P + 1]
+    assert logp[P - 1 :].argmax(-1).tolist()[: len(toks)] == toks[: len(logp) - P + 1]
 
 
 def test_finished_rows_leave_the_batch(captioners):
@@ -224,7 +277,7 @@ def test_qwen_patch_layout():
     for ti, bh, bw, mh, mw in [(0, 0, 0, 0, 0), (1, 1, 2, 1, 0), (0, 1, 1, 0, 1)]:
         r = ((ti * (h // 2) + bh) * (w // 2) + bw) * 4 + mh * 2 + mw
         y, xx = (bh * 2 + mh) * 4, (bw * 2 + mw) * 4
-        block = xp[0, ti * 2:ti * 2 + 2, :, y:y + 4, xx:xx + 4].permute(1, 0, 2, 3)  # C, tp, p, p
+        block = xp[0, ti * 2 : ti * 2 + 2, :, y : y + 4, xx : xx + 4].permute(1, 0, 2, 3)  # C, tp, p, p
         torch.testing.assert_close(patches[r], block.reshape(-1))
 
 
@@ -264,8 +317,11 @@ def test_distinct_rows_and_video_frames(mp4_factory):
     uniq, inv = distinct_rows(x)
     assert uniq.tolist() == [[1, 2], [3, 4], [5, 6]] and inv.tolist() == [0, 1, 0, 1, 2]
     paths = [mp4_factory(f"v{i}.mp4", num_frames=8, size=32, seed=i) for i in range(2)]
-    ds = Dataset(root=str(paths[0].parent), videos=[Video(f"v{i}", p.name, "train") for i, p in enumerate(paths)],
-                 sentences=[Sentence("v0", "a"), Sentence("v1", "b")])
+    ds = Dataset(
+        root=str(paths[0].parent),
+        videos=[Video(f"v{i}", p.name, "train") for i, p in enumerate(paths)],
+        sentences=[Sentence("v0", "a"), Sentence("v1", "b")],
+    )
     frames = VideoFrames(ds, num_frames=4, size=16, max_cached=1)
     out = frames(["v1", "v0", "v1"])
     assert out.shape == (3, 4, 3, 16, 16) and out.dtype == torch.uint8
@@ -288,9 +344,18 @@ def test_dg_dpo_moves_lora_not_base(folders, tmp_path):
             twins = [u for u in ids if u[1] == v[1] and u != v]
             ref = policy.logprob(feats([v] * 3), CAPS)
             cross = policy.logprob(feats(twins), [CAPS[0]] * len(twins))
-            rows.append({"video_id": v, "group": f"g{v[1]}", "captions": CAPS, "rewards": [1.0, 0.5, 0.0],
-                         "ref_logps": ref.tolist(), "best": 0, "negatives": twins,
-                         "ref_cross_logps": cross.tolist()})
+            rows.append(
+                {
+                    "video_id": v,
+                    "group": f"g{v[1]}",
+                    "captions": CAPS,
+                    "rewards": [1.0, 0.5, 0.0],
+                    "ref_logps": ref.tolist(),
+                    "best": 0,
+                    "negatives": twins,
+                    "ref_cross_logps": cross.tolist(),
+                }
+            )
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     cfg = DPOConfig(lr=1e-2, epochs=2, save_every=10)
     summary = train_dpo(policy, rows, feats, tmp_path / "dpo", cfg, show_progress=False)
@@ -328,22 +393,86 @@ def test_cli_dpo_then_generate_with_hf(folders, tmp_path, mp4_factory):
     with torch.no_grad():
         for i in range(4):
             v, twin = f"v{i}", f"v{i ^ 1}"
-            rows.append({"video_id": v, "group": f"g{i // 2}", "captions": CAPS[:2], "rewards": [1.0, 0.0],
-                         "ref_logps": ref.logprob(frames([v, v]), CAPS[:2]).tolist(), "best": 0,
-                         "negatives": [twin], "ref_cross_logps": ref.logprob(frames([twin]), CAPS[:1]).tolist()})
+            rows.append(
+                {
+                    "video_id": v,
+                    "group": f"g{i // 2}",
+                    "captions": CAPS[:2],
+                    "rewards": [1.0, 0.0],
+                    "ref_logps": ref.logprob(frames([v, v]), CAPS[:2]).tolist(),
+                    "best": 0,
+                    "negatives": [twin],
+                    "ref_cross_logps": ref.logprob(frames([twin]), CAPS[:1]).tolist(),
+                }
+            )
     (tmp_path / "groups.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main(["dpo", "--groups", str(tmp_path / "groups.jsonl"), "--captioner", "hf", "--model-path",
-                 str(folders["qwen2_vl"]), "--data", str(data), "--out", str(tmp_path / "dpo"),
-                 "--lr", "1e-2", "--max-steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "dpo",
+                "--groups",
+                str(tmp_path / "groups.jsonl"),
+                "--captioner",
+                "hf",
+                "--model-path",
+                str(folders["qwen2_vl"]),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "dpo"),
+                "--lr",
+                "1e-2",
+                "--max-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     first = json.loads((tmp_path / "dpo" / "log.jsonl").read_text().splitlines()[0])
     assert first["loss_caption"] == pytest.approx(math.log(2), abs=1e-4)
     out = tmp_path / "caps.jsonl"
-    assert main(["captioner", "generate", "--captioner", "hf", "--model-path", str(tmp_path / "dpo" / "model"),
-                 "--data", str(data), "--split", "all", "--out", str(out), "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "captioner",
+                "generate",
+                "--captioner",
+                "hf",
+                "--model-path",
+                str(tmp_path / "dpo" / "model"),
+                "--data",
+                str(data),
+                "--split",
+                "all",
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert [r["video_id"] for r in read_jsonl(out)] == ["v0", "v1", "v2", "v3"]
     assert main(["captioner", "generate", "--captioner", "hf", "--data", str(data), "--out", str(out)]) != 0
-    assert main(["captioner", "generate", "--captioner", "hf", "--model-path", str(tmp_path), "--data", str(data),
-                 "--split", "train", "--out", str(out)]) == 2  # a folder with no model: one-line error
+    assert (
+        main(
+            [
+                "captioner",
+                "generate",
+                "--captioner",
+                "hf",
+                "--model-path",
+                str(tmp_path),
+                "--data",
+                str(data),
+                "--split",
+                "train",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )  # a folder with no model: one-line error
 
 
 def test_preference_stage_takes_the_hf_visual_input(captioners, tmp_path, mp4_factory):
@@ -371,8 +500,17 @@ def test_preference_stage_takes_the_hf_visual_input(captioners, tmp_path, mp4_fa
     m = captioners["qwen2_vl"]
     ds = load_dataset(_data_folder(tmp_path, mp4_factory))
     frames = VideoFrames(ds, T, m.frame_size)
-    path = build_preferences(m, Scorer(), ds, Store(), tmp_path / "prefs", {v.id: "a red circle" for v in ds.videos},
-                             PrefsConfig(num_samples=2, max_new_tokens=4), show_progress=False, visual=frames)
+    path = build_preferences(
+        m,
+        Scorer(),
+        ds,
+        Store(),
+        tmp_path / "prefs",
+        {v.id: "a red circle" for v in ds.videos},
+        PrefsConfig(num_samples=2, max_new_tokens=4),
+        show_progress=False,
+        visual=frames,
+    )
     rows = load_groups(path)
     assert [r["video_id"] for r in rows] == ["v0", "v1", "v2", "v3"]
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """Options generated from the config dataclasses: names, help from the field comments, nested
 fields, None = the preset's value, and one-line errors for rejected values."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -48,9 +49,15 @@ def _app(seen: list):
 
 
 def test_comments_trailing_and_above():
-    assert field_comments(Outer) == {"inner": "", "lr": "the learning rate, over two lines", "steps": "optimizer steps",
-                                     "dropout": "dropout while training", "n": "", "tags": "not a scalar: no option",
-                                     "seed": "set by --seed"}
+    assert field_comments(Outer) == {
+        "inner": "",
+        "lr": "the learning rate, over two lines",
+        "steps": "optimizer steps",
+        "dropout": "dropout while training",
+        "n": "",
+        "tags": "not a scalar: no option",
+        "seed": "set by --seed",
+    }
 
 
 def test_options_replace_fields_and_unset_ones_keep_the_base():
@@ -59,8 +66,9 @@ def test_options_replace_fields_and_unset_ones_keep_the_base():
     res = CliRunner().invoke(app, ["cmd", "--out", "x"])
     assert res.exit_code == 0, res.output
     assert seen[-1] == Outer(steps=5)  # nothing given: the base config (the preset's) as it is
-    res = CliRunner().invoke(app, ["cmd", "--out", "x", "--lr", "0.5", "--pooling", "sequence", "--no-dropout",
-                                   "--num-items", "3"])
+    res = CliRunner().invoke(
+        app, ["cmd", "--out", "x", "--lr", "0.5", "--pooling", "sequence", "--no-dropout", "--num-items", "3"]
+    )
     assert res.exit_code == 0, res.output
     assert seen[-1] == Outer(inner=Inner("sequence"), lr=0.5, steps=5, dropout=False, n=3)
 
@@ -78,6 +86,7 @@ def test_a_rejected_value_is_a_data_error():
 
 def test_a_flag_taken_twice_is_refused_when_the_command_is_built():
     with pytest.raises(TypeError, match="--lr"):
+
         @config_flags(outer=Outer)
         def cmd(lr: float = typer.Option(1.0, "--lr"), overrides: Overrides = NO_OVERRIDES) -> None: ...
 
@@ -85,12 +94,14 @@ def test_a_flag_taken_twice_is_refused_when_the_command_is_built():
 def test_stage_commands_offer_their_config_fields(capsys):
     from caredpo.cli import main
 
-    for argv, names in ((["dpo"], ("--lambda-video", "--groups-per-batch", "--preset", "--seed")),
-                        (["prefs"], ("--num-samples", "--reward", "--max-videos")),
-                        (["retriever", "train"], ("--video-pooling", "--batch-groups", "--variant")),
-                        (["captioner", "generate"], ("--max-new-tokens", "--num-captions")),
-                        (["captioner", "sft"], ("--lora-rank", "--align-steps")),
-                        (["features"], ("--num-frames", "--skip-bad"))):
+    for argv, names in (
+        (["dpo"], ("--lambda-video", "--groups-per-batch", "--preset", "--seed")),
+        (["prefs"], ("--num-samples", "--reward", "--max-videos")),
+        (["retriever", "train"], ("--video-pooling", "--batch-groups", "--variant")),
+        (["captioner", "generate"], ("--max-new-tokens", "--num-captions")),
+        (["captioner", "sft"], ("--lora-rank", "--align-steps")),
+        (["features"], ("--num-frames", "--skip-bad")),
+    ):
         assert main([*argv, "--help"]) == 0
         out = capsys.readouterr().out
         assert all(n in out for n in names), (argv, [n for n in names if n not in out])

@@ -1,4 +1,5 @@
 """Per-cell colour histograms, checked on frames worked by hand."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,7 @@ def frame(quadrants: list[tuple], side: int = 4) -> torch.Tensor:
     h = side // 2
     for k, rgb in enumerate(quadrants):
         y, x = divmod(k, 2)
-        f[y * h:(y + 1) * h, x * h:(x + 1) * h] = torch.tensor(rgb, dtype=torch.uint8)
+        f[y * h : (y + 1) * h, x * h : (x + 1) * h] = torch.tensor(rgb, dtype=torch.uint8)
     return f
 
 
@@ -34,7 +35,7 @@ def test_mixed_cell_takes_square_roots_of_fractions():
     f = frame([BLACK] * 4)
     f[0, 0] = torch.tensor(RED, dtype=torch.uint8)  # 1 of the 4 pixels of the top-left cell
     hist = cell_colour_histograms(f[None])[0, 0]
-    assert hist[BIN[RED]].item() == pytest.approx(0.5) and hist[BIN[BLACK]].item() == pytest.approx(0.75 ** 0.5)
+    assert hist[BIN[RED]].item() == pytest.approx(0.5) and hist[BIN[BLACK]].item() == pytest.approx(0.75**0.5)
     assert (hist > 0).sum() == 2
 
 

@@ -1,4 +1,5 @@
 """TwinClips: determinism, annotation shape, twin groups (same look, different time), resume."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,9 +46,19 @@ def _groups(ds) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("bad", [dict(train_groups=0), dict(test_groups=0), dict(frames=2),
-                                 dict(size=63), dict(size=16), dict(fps=0),
-                                 dict(sentences_per_clip=2), dict(seed=-1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(train_groups=0),
+        dict(test_groups=0),
+        dict(frames=2),
+        dict(size=63),
+        dict(size=16),
+        dict(fps=0),
+        dict(sentences_per_clip=2),
+        dict(seed=-1),
+    ],
+)
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         TwinClipsConfig(**{**dict(train_groups=2, test_groups=1), **bad})
@@ -68,8 +79,7 @@ def test_same_seed_same_bytes_and_frames(smoke_dir, smoke_frames, tmp_path):
     again = generate_twinclips(SMOKE, tmp_path / "again", progress=False)
     assert (again / "annotations.json").read_bytes() == (smoke_dir / "annotations.json").read_bytes()
     for vid, frames in smoke_frames.items():
-        np.testing.assert_array_equal(read_frames(again / "videos" / f"{vid}.mp4", SMOKE.frames,
-                                                  SMOKE.size), frames)
+        np.testing.assert_array_equal(read_frames(again / "videos" / f"{vid}.mp4", SMOKE.frames, SMOKE.size), frames)
 
 
 def test_other_seed_other_data():
@@ -168,8 +178,7 @@ def test_fully_flipped_twin_is_the_time_reversal():
     """Both tracks time-reversed = the clip played backwards: same bag of frames, other order."""
     plans = plan_clips(SMOKE)
     for g in range(0, len(plans), 4):
-        clips = [render.render_clip(p.factors, SMOKE.frames, SMOKE.size).astype(np.int16)
-                 for p in plans[g:g + 4]]
+        clips = [render.render_clip(p.factors, SMOKE.frames, SMOKE.size).astype(np.int16) for p in plans[g : g + 4]]
         for i, c in enumerate(clips):
             partners = [j for j, d in enumerate(clips) if j != i and np.abs(d - c[::-1]).mean() < 0.05]
             assert len(partners) == 1, plans[g + i].factors

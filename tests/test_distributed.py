@@ -4,10 +4,10 @@ without loss or duplicates after a kill; FAISS and exact torch search give the s
 One spawn runs every two-process scenario (process start and imports dominate: ~10 s); the
 tests compare its outputs with the same work done here in one process.
 """
+
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 from dataclasses import replace
@@ -28,11 +28,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---- inputs (built once, read by both the spawned processes and this one) -------------------------
 
+
 def _tiny_captioner_cfg(**kw):
     from caredpo.captioner.model import CaptionerConfig
 
-    return CaptionerConfig(lm="tiny", feature_dim=F_CAP, num_frames=T_CAP, projector_hidden=32, lora_layers=1,
-                           lora_rank=4, **kw)
+    return CaptionerConfig(
+        lm="tiny", feature_dim=F_CAP, num_frames=T_CAP, projector_hidden=32, lora_layers=1, lora_rank=4, **kw
+    )
 
 
 def _make_dpo_inputs(root: Path) -> None:
@@ -65,16 +67,44 @@ def _make_dpo_inputs(root: Path) -> None:
             twins = [u for u in ids if u.startswith(g + "v") and u != vid]
             ref = model.logprob(torch.stack([feats[vid]] * 3), CAPS[:3])
             cross = model.logprob(torch.stack([feats[u] for u in twins]), [CAPS[best]] * len(twins))
-            rows.append({"video_id": vid, "group": g, "captions": CAPS[:3], "rewards": rewards,
-                         "ref_logps": ref.tolist(), "best": best, "negatives": twins,
-                         "ref_cross_logps": cross.tolist(), "lengths": [5, 6, 4]})
+            rows.append(
+                {
+                    "video_id": vid,
+                    "group": g,
+                    "captions": CAPS[:3],
+                    "rewards": rewards,
+                    "ref_logps": ref.tolist(),
+                    "best": best,
+                    "negatives": twins,
+                    "ref_cross_logps": cross.tolist(),
+                    "lengths": [5, 6, 4],
+                }
+            )
     (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _dpo_args(root: Path, out: str) -> list[str]:
-    return ["dpo", "--groups", str(root / "prefs.jsonl"), "--captioner", str(root / "sft"),
-            "--features", str(root / "feats"), "--out", str(root / out), "--epochs", "2", "--lr", "1e-2",
-            "--lambda-nll", "0.1", "--groups-per-batch", "2", "--save-every", "100"]
+    return [
+        "dpo",
+        "--groups",
+        str(root / "prefs.jsonl"),
+        "--captioner",
+        str(root / "sft"),
+        "--features",
+        str(root / "feats"),
+        "--out",
+        str(root / out),
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lambda-nll",
+        "0.1",
+        "--groups-per-batch",
+        "2",
+        "--save-every",
+        "100",
+    ]
 
 
 def _retriever_cfg():
@@ -123,14 +153,22 @@ def _prefs_inputs():
     from test_dpo_prefs import ListCaptioner, Store, WordScorer, dataset
 
     ds = dataset(groups=3)
-    return ListCaptioner(), WordScorer(), ds, Store([v.id for v in ds.videos]), {v.id: "a red circle" for v in ds.videos}
+    return (
+        ListCaptioner(),
+        WordScorer(),
+        ds,
+        Store([v.id for v in ds.videos]),
+        {v.id: "a red circle" for v in ds.videos},
+    )
 
 
 # ---- the two-process run ------------------------------------------------------------------------
 
+
 def _worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     root = Path(root)
     with dist.session():
@@ -150,7 +188,9 @@ def _scenarios(root: Path) -> None:
     train_retriever(_retriever_cfg(), ds, feats, root / "ret2", progress=False)
     generate_captions(_gen_model(root), _gen_store(), CAP_IDS, root / "caps2.jsonl", _sampling(), show_progress=False)
     counting = _Counting(_gen_model(root))  # restart of a killed sharded run (parts prepared by the test)
-    generate_captions(counting, _gen_store(), CAP_IDS, root / "restart" / "caps.jsonl", _sampling(), show_progress=False)
+    generate_captions(
+        counting, _gen_store(), CAP_IDS, root / "restart" / "caps.jsonl", _sampling(), show_progress=False
+    )
     (root / f"restart_videos{dist.rank()}").write_text(str(counting.videos))
     cap, scorer, ds, store, greedy = _prefs_inputs()
     build_preferences(cap, scorer, ds, store, root / "prefs2", greedy, PrefsConfig(num_samples=4), show_progress=False)
@@ -193,14 +233,21 @@ def _kill_a_sharded_run(out: Path) -> None:
             mp.setattr(dist, "world_size", lambda: WORLD)
             mp.setattr(dist, "rank", lambda r=r: r)
             with pytest.raises(KeyboardInterrupt):
-                generate_captions(_Counting(_gen_model(out.parent.parent), crash_after=1), _gen_store(), CAP_IDS,
-                                  out, _sampling(), show_progress=False)
+                generate_captions(
+                    _Counting(_gen_model(out.parent.parent), crash_after=1),
+                    _gen_store(),
+                    CAP_IDS,
+                    out,
+                    _sampling(),
+                    show_progress=False,
+                )
     with part_path(out, 1).open("a") as f:
         f.write('{"video_id": "c7", "capt')  # torn: the kill came mid-write
     assert [len(list(read_jsonl(p))) for p in part_paths(out)] == [2, 2] and not out.exists()
 
 
 # ---- training: world size 2 == world size 1 ------------------------------------------------------
+
 
 def test_dg_dpo_two_processes_equal_one(root):
     from caredpo.cli import main
@@ -211,7 +258,7 @@ def test_dg_dpo_two_processes_equal_one(root):
 
     one, two = Checkpoint(root / "dpo1"), Checkpoint(root / "dpo2")
     assert one.step() == two.step() == 4  # 3 groups / 2 per step x 2 epochs; the last step of an epoch
-    start = _initial_trainable(root)      # has one group: one process sits it out
+    start = _initial_trainable(root)  # has one group: one process sits it out
     moved, w1, w2 = 0, one.weights(), two.weights()
     for name, p in w1.items():
         torch.testing.assert_close(w2[name], p, atol=1e-5, rtol=0, msg=name)
@@ -244,7 +291,7 @@ def test_retriever_two_processes_equal_one(root):
     one, m1 = train_retriever(_retriever_cfg(), ds, feats, root / "ret1", progress=False)
     two = Retriever.from_pretrained(root / "ret2" / "model")
     init = Retriever(_retriever_cfg().model)
-    for (name, a), b, c in zip(one.state_dict().items(), two.state_dict().values(), init.state_dict().values()):
+    for (name, a), b, _ in zip(one.state_dict().items(), two.state_dict().values(), init.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=name)
     assert not torch.equal(one.video_proj.weight, init.video_proj.weight)
     losses = lambda run: [r["loss"] for r in read_jsonl(root / run / "log.jsonl") if "loss" in r]  # noqa: E731
@@ -263,11 +310,13 @@ def test_gather_with_grad_is_the_identity_in_one_process():
 
 # ---- sharded files ------------------------------------------------------------------------------
 
+
 def test_sharded_generation_equals_one_process(root):
     from caredpo.captioner.generate import generate_captions
 
-    one = generate_captions(_gen_model(root), _gen_store(), CAP_IDS, root / "caps1.jsonl", _sampling(),
-                            show_progress=False)
+    one = generate_captions(
+        _gen_model(root), _gen_store(), CAP_IDS, root / "caps1.jsonl", _sampling(), show_progress=False
+    )
     assert (root / "caps2.jsonl").read_bytes() == one.read_bytes()
     assert [r["video_id"] for r in read_jsonl(one)] == CAP_IDS and not part_paths(root / "caps2.jsonl")
     rows = {r["video_id"]: r["captions"] for r in read_jsonl(one)}
@@ -297,10 +346,13 @@ def test_sharded_preferences_equal_one_process(root):
     from caredpo.dpo.prefs import PrefsConfig, build_preferences
 
     cap, scorer, ds, store, greedy = _prefs_inputs()
-    one = build_preferences(cap, scorer, ds, store, root / "prefs1", greedy, PrefsConfig(num_samples=4),
-                            show_progress=False)
+    one = build_preferences(
+        cap, scorer, ds, store, root / "prefs1", greedy, PrefsConfig(num_samples=4), show_progress=False
+    )
     assert (root / "prefs2" / "groups.jsonl").read_bytes() == one.read_bytes()
-    assert json.loads((root / "prefs2" / "prefs.json").read_text()) == json.loads((root / "prefs1" / "prefs.json").read_text())
+    assert json.loads((root / "prefs2" / "prefs.json").read_text()) == json.loads(
+        (root / "prefs1" / "prefs.json").read_text()
+    )
 
 
 def test_merge_keeps_existing_rows_and_drops_repeats(tmp_path):
@@ -329,6 +381,7 @@ def test_dpo_refuses_fewer_groups_per_step_than_processes(tmp_path, monkeypatch)
 
 # ---- FAISS vs exact ------------------------------------------------------------------------------
 
+
 def _embeddings(n_gallery=300, n_query=120, seed=0):
     g = torch.Generator().manual_seed(seed)
     gallery = torch.nn.functional.normalize(torch.randn(n_gallery, 16, generator=g), dim=-1)
@@ -349,7 +402,9 @@ def test_faiss_and_exact_search_give_the_same_ranks(depth):
     assert torch.equal(v2t_ranks(q, g, truth, forced), v2t_ranks(q, g, truth, exact))
     assert ranks.max() > 5 and (ranks[truth % 7 < 2] > 1).all()  # deep ranks; a duplicate is a tie, never won
     groups = [f"g{j // 4}" if j % 5 else None for j in range(len(g))]
-    assert embedding_metrics(q, g, truth.tolist(), groups, forced) == embedding_metrics(q, g, truth.tolist(), groups, exact)
+    assert embedding_metrics(q, g, truth.tolist(), groups, forced) == embedding_metrics(
+        q, g, truth.tolist(), groups, exact
+    )
 
 
 def test_faiss_and_exact_neighbours_agree():
@@ -377,7 +432,9 @@ def test_evaluate_and_hard_negatives_use_faiss_above_the_threshold():
     torch.manual_seed(0)
     model = Retriever(tiny_cfg()).eval()
     caps = reference_captions(ds, "test")
-    assert evaluate(model, ds, feats, caps, search=SearchConfig(exact_max=0, rank_depth=2)) == evaluate(model, ds, feats, caps)
+    assert evaluate(model, ds, feats, caps, search=SearchConfig(exact_max=0, rank_depth=2)) == evaluate(
+        model, ds, feats, caps
+    )
     pds = dataset(groups=3, grouped=False)
     ids = [v.id for v in pds.videos]
     emb = torch.randn(len(ids), 8, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,5 @@
 """DPO / DG-DPO losses: trl's own sigmoid loss as the reference, hand-worked group values."""
+
 from __future__ import annotations
 
 import math
@@ -21,20 +22,38 @@ def _trl_sigmoid_loss(pc, pr, rc, rr, beta):
 
     b = len(pc)
     logps = torch.cat([pc, pr])[:, None]  # [2B, 1]: batch is [chosen, rejected] in trl
-    out = SimpleNamespace(log_probs=logps, entropy=torch.zeros_like(logps),
-                          mean_logits=torch.zeros_like(logps), is_top1=torch.zeros_like(logps, dtype=torch.bool))
+    out = SimpleNamespace(
+        log_probs=logps,
+        entropy=torch.zeros_like(logps),
+        mean_logits=torch.zeros_like(logps),
+        is_top1=torch.zeros_like(logps, dtype=torch.bool),
+    )
     model = SimpleNamespace(training=True)
     model_call = lambda **kw: out  # noqa: E731  (trl calls model(**kwargs, labels=..., fused_lm_head=True))
     ident = lambda x: x  # noqa: E731
     trainer = SimpleNamespace(
-        model=model, accelerator=SimpleNamespace(device="cpu", gather=ident, gather_for_metrics=ident),
-        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=["sigmoid"], loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0,
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
-    inputs = {"input_ids": torch.ones(2 * b, 2, dtype=torch.long),
-              "attention_mask": torch.ones(2 * b, 2, dtype=torch.long),
-              "completion_mask": torch.tensor([[0, 1]] * (2 * b)),
-              "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+        model=model,
+        accelerator=SimpleNamespace(device="cpu", gather=ident, gather_for_metrics=ident),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=["sigmoid"],
+        loss_weights=[1.0],
+        beta=beta,
+        use_weighting=False,
+        label_smoothing=0.0,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.ones(2 * b, 2, dtype=torch.long),
+        "attention_mask": torch.ones(2 * b, 2, dtype=torch.long),
+        "completion_mask": torch.tensor([[0, 1]] * (2 * b)),
+        "ref_chosen_logps": rc,
+        "ref_rejected_logps": rr,
+    }
     loss = DPOTrainer._compute_loss(trainer, model_call, inputs, return_outputs=False)
     return loss, trainer._metrics["train"]
 
@@ -48,8 +67,9 @@ def test_dpo_loss_matches_trl(beta):
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     assert ours.item() > 0
     # our statistics use trl's definitions of reward accuracy and margin
-    _, stats = dg_dpo_loss(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1),
-                           torch.tensor([[1.0, 0.0]] * 16), None, None, beta, 0.0)
+    _, stats = dg_dpo_loss(
+        torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), torch.tensor([[1.0, 0.0]] * 16), None, None, beta, 0.0
+    )
     assert stats.reward_acc == pytest.approx(metrics["rewards/accuracies"][0])
     assert stats.margin == pytest.approx(metrics["rewards/margins"][0])
 
@@ -148,8 +168,9 @@ def test_nll_term_and_ragged_captions():
     rewards = torch.tensor([[1.0, 0.0, 99.0]])  # column 2 is padding: never best, never a pair
     cmask = torch.tensor([[True, True, False]])
     lengths = torch.tensor([[2, 3, 1]])
-    loss, stats = dg_dpo_loss(pol, ref, rewards, None, None, 1.0, 0.0, caption_mask=cmask,
-                              lambda_nll=0.5, lengths=lengths)
+    loss, stats = dg_dpo_loss(
+        pol, ref, rewards, None, None, 1.0, 0.0, caption_mask=cmask, lambda_nll=0.5, lengths=lengths
+    )
     assert stats.n_pairs == 1
     assert stats.loss_nll == pytest.approx(2.0)  # 4 nats over 2 tokens
     assert loss.item() == pytest.approx(math.log(2) + 0.5 * 2.0, abs=1e-6)
@@ -173,8 +194,18 @@ def test_stats_of_two_halves_combine_to_the_whole_batch():
     lengths = torch.full((6, 3), 4.0, dtype=torch.float64)
 
     def stats(rows):
-        return dg_dpo_loss(pol[rows], ref[rows], rew[rows], cross[rows], ref_cross[rows], 0.5, 1.0,
-                           cross_mask=xmask[rows], lambda_nll=0.1, lengths=lengths[rows])[1]
+        return dg_dpo_loss(
+            pol[rows],
+            ref[rows],
+            rew[rows],
+            cross[rows],
+            ref_cross[rows],
+            0.5,
+            1.0,
+            cross_mask=xmask[rows],
+            lambda_nll=0.1,
+            lengths=lengths[rows],
+        )[1]
 
     whole = stats(slice(0, 6))
     parts = [weighted_sums(stats(slice(0, 2))), weighted_sums(stats(slice(2, 6)))]

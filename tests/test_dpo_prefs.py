@@ -1,4 +1,5 @@
 """The preference stage: reward maths by hand, rows the trainer accepts, resume without duplicates."""
+
 from __future__ import annotations
 
 import math
@@ -7,10 +8,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from caredpo.dpo.prefs import (GROUPS_FILE, PrefsConfig, _contrastive, _rewards, build_preferences, factor_diagnostics,
-                               hard_negatives)
+from caredpo.dpo.prefs import (
+    GROUPS_FILE,
+    PrefsConfig,
+    _contrastive,
+    _rewards,
+    build_preferences,
+    factor_diagnostics,
+    hard_negatives,
+)
 from caredpo.dpo.train import load_groups
-from caredpo.records import Dataset, DataError, Sentence, Video
+from caredpo.records import DataError, Dataset, Sentence, Video
 
 WORDS = ["left", "right", "up", "down", "red", "blue", "circle", "square"]
 
@@ -81,7 +89,9 @@ def built(tmp_path):
     ds = dataset()
     store = Store([v.id for v in ds.videos])
     greedy = {v.id: "a red circle" for v in ds.videos}
-    path = build_preferences(ListCaptioner(), WordScorer(), ds, store, tmp_path / "p", greedy, PrefsConfig(num_samples=4))
+    path = build_preferences(
+        ListCaptioner(), WordScorer(), ds, store, tmp_path / "p", greedy, PrefsConfig(num_samples=4)
+    )
     return ds, store, greedy, path
 
 
@@ -142,8 +152,10 @@ def direction_dataset() -> Dataset:
     for i, (a, b) in enumerate([("left", "right"), ("right", "left")]):
         vid = f"v{i}"
         videos.append(Video(vid, f"{vid}.mp4", "train", "g0", factors={"motion": f"{a}-to-{b}"}))
-        sents += [Sentence(vid, "a red circle on grass", "generic"),
-                  Sentence(vid, f"a red circle moves from {a} to {b}", "specific")]
+        sents += [
+            Sentence(vid, "a red circle on grass", "generic"),
+            Sentence(vid, f"a red circle moves from {a} to {b}", "specific"),
+        ]
     return Dataset("/nowhere", videos, sents)
 
 
@@ -169,9 +181,11 @@ def test_reward_ranks_the_right_direction_above_the_twins():
 def test_factor_diagnostics_by_hand():
     ds = direction_dataset()
     right, wrong = "it moves from left to right", "it moves from right to left"
-    rows = [{"video_id": "v0", "captions": [right, wrong, "a circle"], "rewards": [1.0, 0.0, 1.0], "best": 0},
-            {"video_id": "v0", "captions": [wrong, right, wrong], "rewards": [2.0, 1.0, 1.0], "best": 0},
-            {"video_id": "v0", "captions": [wrong, wrong, wrong], "rewards": [0.0, 1.0, 2.0], "best": 2}]
+    rows = [
+        {"video_id": "v0", "captions": [right, wrong, "a circle"], "rewards": [1.0, 0.0, 1.0], "best": 0},
+        {"video_id": "v0", "captions": [wrong, right, wrong], "rewards": [2.0, 1.0, 1.0], "best": 0},
+        {"video_id": "v0", "captions": [wrong, wrong, wrong], "rewards": [0.0, 1.0, 2.0], "best": 2},
+    ]
     d = factor_diagnostics(rows, ds, "direction")
     assert d["direction_any_right"] == pytest.approx(2 / 3)
     assert d["direction_best_right"] == pytest.approx(1 / 2)

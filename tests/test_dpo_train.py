@@ -1,4 +1,5 @@
 """DG-DPO trainer on a tiny captioner stand-in: first-step loss, frozen parts, resume, NaN stop."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ class TinyPolicy(nn.Module):
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
         emb = torch.cat([self.drop(self.proj(features)), self.lm.model.embed_tokens(tgt)], 1)
         att = torch.cat([torch.ones(len(ids), T, dtype=torch.long), mask], 1)
-        logits = self.lm(inputs_embeds=emb, attention_mask=att).logits[:, T - 1:-1]
+        logits = self.lm(inputs_embeds=emb, attention_mask=att).logits[:, T - 1 : -1]
         lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt[..., None])[..., 0]
         return (lp * mask).sum(1)
 
@@ -68,9 +69,19 @@ def _setup(tok, tmp_path, k=3, groups=2, per_group=3, make=None, shape=(T, D)):
             twins = [u for u in feats if u[1] == g and u != vid]
             ref = policy.logprob(torch.stack([feats[vid]] * k), caps)
             cross = policy.logprob(torch.stack([feats[u] for u in twins]), [caps[best]] * len(twins))
-            rows.append({"video_id": vid, "group": f"g{g}", "captions": caps, "rewards": rewards,
-                         "ref_logps": ref.tolist(), "best": best, "negatives": twins,
-                         "ref_cross_logps": cross.tolist(), "lengths": [5] * k})
+            rows.append(
+                {
+                    "video_id": vid,
+                    "group": f"g{g}",
+                    "captions": caps,
+                    "rewards": rewards,
+                    "ref_logps": ref.tolist(),
+                    "best": best,
+                    "negatives": twins,
+                    "ref_cross_logps": cross.tolist(),
+                    "lengths": [5] * k,
+                }
+            )
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path, (lambda ids: torch.stack([feats[i] for i in ids]))
@@ -120,13 +131,16 @@ def test_only_trainable_parameters_change(tok, tmp_path):
     path, feats = _setup(tok, tmp_path)
     policy = TinyPolicy(tok)
     before = _params(policy)
-    train_dpo(policy, path, feats, tmp_path / "run", DPOConfig(max_steps=2, lr=1e-2, lambda_nll=0.1),
-              show_progress=False)
+    train_dpo(
+        policy, path, feats, tmp_path / "run", DPOConfig(max_steps=2, lr=1e-2, lambda_nll=0.1), show_progress=False
+    )
     after = _params(policy)
     frozen = "lm.model.embed_tokens.weight"
     assert torch.equal(before[frozen], after[frozen]) and policy.lm.model.embed_tokens.weight.grad is None
     assert not torch.equal(before["proj.weight"], after["proj.weight"])
-    assert not torch.equal(before["lm.model.layers.0.mlp.up_proj.weight"], after["lm.model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        before["lm.model.layers.0.mlp.up_proj.weight"], after["lm.model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 def test_resume_gives_the_same_weights(tok, tmp_path):
@@ -147,8 +161,15 @@ def test_resume_gives_the_same_weights(tok, tmp_path):
     losses = [r["loss"] for r in metrics_rows(tmp_path / "full")]
     assert [r["loss"] for r in metrics_rows(tmp_path / "part")] == losses and len(losses) == 6
     with pytest.raises(DataError, match="beta"):
-        train_dpo(TinyPolicy(tok), path, feats, tmp_path / "part", DPOConfig(epochs=3, beta=0.2),
-                  resume=True, show_progress=False)
+        train_dpo(
+            TinyPolicy(tok),
+            path,
+            feats,
+            tmp_path / "part",
+            DPOConfig(epochs=3, beta=0.2),
+            resume=True,
+            show_progress=False,
+        )
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tok, tmp_path):
@@ -164,8 +185,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tok, tmp_path):
 
     policy.logprob = flaky
     with pytest.raises(NonFiniteLossError, match=r"step 3: non-finite loss.*step 2"):
-        train_dpo(policy, path, feats, tmp_path / "run", DPOConfig(epochs=3, save_every=1, lr=1e-2),
-                  show_progress=False)
+        train_dpo(
+            policy, path, feats, tmp_path / "run", DPOConfig(epochs=3, save_every=1, lr=1e-2), show_progress=False
+        )
     ckpt = Checkpoint(tmp_path / "run")
     assert ckpt.step() == 2 and (tmp_path / "run" / CHECKPOINT).is_dir()
     for name, p in ckpt.weights().items():  # no update was applied after the bad loss
@@ -204,16 +226,19 @@ def test_config_and_data_validation(tmp_path):
         DPOConfig(mode="dpo")
     assert DPOConfig.for_mode("dpo").pairs == "best_worst"
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"video_id": "v", "captions": ["a", "b"], "rewards": [0.1, 0.9],
-                               "ref_logps": [-1, -2], "best": 0}) + "\n")
+    bad.write_text(
+        json.dumps({"video_id": "v", "captions": ["a", "b"], "rewards": [0.1, 0.9], "ref_logps": [-1, -2], "best": 0})
+        + "\n"
+    )
     with pytest.raises(DataError, match="bad.jsonl:1: v: best=0"):
         load_groups(bad)
 
 
 def test_training_separates_winners(tok, tmp_path):
     path, feats = _setup(tok, tmp_path, groups=1)
-    train_dpo(TinyPolicy(tok), path, feats, tmp_path / "run", DPOConfig(epochs=12, lr=3e-3, beta=0.5),
-              show_progress=False)
+    train_dpo(
+        TinyPolicy(tok), path, feats, tmp_path / "run", DPOConfig(epochs=12, lr=3e-3, beta=0.5), show_progress=False
+    )
     rows = metrics_rows(tmp_path / "run")
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
     assert rows[-1]["margin"] > 0 and rows[-1]["reward_acc"] > 0.5
@@ -259,8 +284,23 @@ def test_cli_dpo_end_to_end_on_tiny_captioner(tmp_path):
     app = typer.Typer()
     register(app)
     app.command("noop")(lambda: None)
-    args = ["dpo", "--groups", str(path), "--captioner", str(tmp_path / "sft"), "--features", str(tmp_path),
-            "--out", str(tmp_path / "run"), "--mode", "dpo", "--epochs", "2", "--lr", "1e-2"]
+    args = [
+        "dpo",
+        "--groups",
+        str(path),
+        "--captioner",
+        str(tmp_path / "sft"),
+        "--features",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+        "--mode",
+        "dpo",
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-2",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "model" / "config.json").exists()
@@ -279,8 +319,9 @@ def test_policy_equals_reference_at_step_0_in_both_precisions(tmp_path, precisio
     shaped batches; beta x |h| stays below it)."""
     from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
 
-    ccfg = CaptionerConfig(lm="tiny", feature_dim=16, num_frames=2, projector_hidden=32, lora_layers=-1,
-                           lora_rank=4, precision=precision)
+    ccfg = CaptionerConfig(
+        lm="tiny", feature_dim=16, num_frames=2, projector_hidden=32, lora_layers=-1, lora_rank=4, precision=precision
+    )
     path, feats = _setup(None, tmp_path, make=lambda: VideoCaptioner(ccfg), shape=(2, 4, 16))
     train_dpo(VideoCaptioner(ccfg), path, feats, tmp_path / "run", DPOConfig(max_steps=1), show_progress=False)
     first = metrics_rows(tmp_path / "run")[0]

@@ -1,4 +1,5 @@
 """Frame features: shapes, storage contract, skip-bad report, cache reuse and resume."""
+
 from __future__ import annotations
 
 import json
@@ -171,7 +172,9 @@ def test_resume_after_interruption(tmp_path, mp4_factory, decode_counter, monkey
     with pytest.raises(KeyboardInterrupt):
         extract_features(ds, tmp_path / "part", CFG, progress=False)
     assert sorted(p.name for p in (tmp_path / "part/shards").iterdir()) == [
-        "shard-00000.safetensors", "shard-00001.safetensors"]
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
     monkeypatch.setattr(feat, "_write_shard", real_write)
     decode_counter.clear()
     resumed = FeatureStore.load(extract_features(ds, tmp_path / "part", CFG, progress=False))

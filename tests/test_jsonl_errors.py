@@ -3,6 +3,7 @@
 Readers: `io.read_jsonl` itself, captions (`load_captions`, `done_ids`),
 preference groups (`load_groups`), the shards `merge_parts` folds, and the --queries JSON file.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,16 @@ from caredpo.records import DataError
 from caredpo.retrieval.train import read_queries
 
 CAPTION = {"video_id": "v1", "captions": ["a red circle"], "sampling": {"n": 1}}
-GROUP = {"video_id": "v1", "group": "g1", "captions": ["a", "b"], "rewards": [0.9, 0.1],
-         "ref_logps": [-1.0, -2.0], "best": 0, "negatives": ["v2"], "ref_cross_logps": [-3.0]}
+GROUP = {
+    "video_id": "v1",
+    "group": "g1",
+    "captions": ["a", "b"],
+    "rewards": [0.9, 0.1],
+    "ref_logps": [-1.0, -2.0],
+    "best": 0,
+    "negatives": ["v2"],
+    "ref_cross_logps": [-3.0],
+}
 
 
 def _write(path, *lines: str):
@@ -32,6 +41,7 @@ def _one_line(info) -> str:
 
 
 # ---------------------------------------------------------------- io.read_jsonl
+
 
 def test_bad_json_names_file_line_and_reason(tmp_path):
     path = _write(tmp_path / "captions.jsonl", json.dumps(CAPTION), '{"video_id": "v2" "captions": []}')
@@ -70,6 +80,7 @@ def test_blank_lines_skipped_torn_tail_ignored_line_numbers_kept(tmp_path):
 
 # ---------------------------------------------------------------- captions
 
+
 def test_captions_readers(tmp_path):
     path = _write(tmp_path / "captions.jsonl", json.dumps(CAPTION), json.dumps({"video_id": "v2"}))
     for read in (load_captions, lambda p: done_ids(p, {"n": 1})):
@@ -99,14 +110,18 @@ def test_captions_written_with_other_settings_name_the_line(tmp_path):
 
 # ---------------------------------------------------------------- preference groups
 
-@pytest.mark.parametrize("line, reason", [
-    ('{"video_id": "v1", "captions": ["a"]', "not valid JSON (Expecting ',' delimiter"),
-    (json.dumps({k: v for k, v in GROUP.items() if k != "ref_logps"}), 'missing field "ref_logps"'),
-    (json.dumps({**GROUP, "captions": "a"}), 'field "captions" must be a list, got a string'),
-    (json.dumps({**GROUP, "rewards": [0.9, "high"]}), "v1: rewards and reference log-probs must be numbers"),
-    (json.dumps({**GROUP, "negatives": "v2"}), "v1: negatives, ref_cross_logps and lengths must be lists"),
-    (json.dumps({**GROUP, "best": 1}), "v1: best=1 is not an index of a top-reward caption"),
-])
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"video_id": "v1", "captions": ["a"]', "not valid JSON (Expecting ',' delimiter"),
+        (json.dumps({k: v for k, v in GROUP.items() if k != "ref_logps"}), 'missing field "ref_logps"'),
+        (json.dumps({**GROUP, "captions": "a"}), 'field "captions" must be a list, got a string'),
+        (json.dumps({**GROUP, "rewards": [0.9, "high"]}), "v1: rewards and reference log-probs must be numbers"),
+        (json.dumps({**GROUP, "negatives": "v2"}), "v1: negatives, ref_cross_logps and lengths must be lists"),
+        (json.dumps({**GROUP, "best": 1}), "v1: best=1 is not an index of a top-reward caption"),
+    ],
+)
 def test_groups_reader(tmp_path, line, reason):
     path = _write(tmp_path / "groups.jsonl", json.dumps(GROUP), line)
     with pytest.raises(DataError) as info:
@@ -122,6 +137,7 @@ def test_groups_reader_accepts_good_rows(tmp_path):
 
 
 # ---------------------------------------------------------------- shards, queries
+
 
 def test_merge_names_the_bad_part(tmp_path):
     out = tmp_path / "groups.jsonl"

@@ -1,4 +1,5 @@
 """Real benchmark layouts (CLIP4Clip file formats) read into `Dataset`; malformed files fail clearly."""
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,20 @@ def msrvtt(tmp_path, mp4_factory):
     for vid in ("video0", "video1", "video2"):
         mp4_factory(f"MSRVTT/videos/all/{vid}.mp4")
     root = tmp_path / "MSRVTT"
-    data = {"videos": [{"video_id": f"video{i}", "url": "u", "split": "train"} for i in range(3)],
-            "sentences": [{"video_id": "video0", "caption": "a man cooks", "sen_id": 0},
-                          {"video_id": "video0", "caption": "someone is cooking", "sen_id": 1},
-                          {"video_id": "video1", "caption": "a dog runs", "sen_id": 2},
-                          {"video_id": "video2", "caption": "cars race", "sen_id": 3}]}
+    data = {
+        "videos": [{"video_id": f"video{i}", "url": "u", "split": "train"} for i in range(3)],
+        "sentences": [
+            {"video_id": "video0", "caption": "a man cooks", "sen_id": 0},
+            {"video_id": "video0", "caption": "someone is cooking", "sen_id": 1},
+            {"video_id": "video1", "caption": "a dog runs", "sen_id": 2},
+            {"video_id": "video2", "caption": "cars race", "sen_id": 3},
+        ],
+    }
     _write(root / "MSRVTT_data.json", json.dumps(data))
     _write(root / "MSRVTT_train.9k.csv", "video_id\nvideo0\nvideo1\n")
-    _write(root / "MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\nret0,msr7020,video2,cars race on a track\n")
+    _write(
+        root / "MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\nret0,msr7020,video2,cars race on a track\n"
+    )
     return root
 
 
@@ -52,11 +59,15 @@ def test_msrvtt_7k_split_and_file_argument(msrvtt):
 def test_didemo(tmp_path, mp4_factory):
     root = tmp_path / "didemo"
     mp4_factory("didemo/videos/a@b_1.mp4")
-    train = [{"video": "a@b_1.mp4", "description": "a girl waves.", "times": [[0, 0]]},
-             {"video": "a@b_1.mp4", "description": "she jumps.", "times": [[1, 2]]}]
-    test = [{"video": "c@d_2.mov", "description": "a cat sleeps.", "times": [[0, 1]]},
-            {"video": "c@d_2.mov", "description": "it wakes up.", "times": [[3, 4]]},
-            {"video": "e_3.mp4", "description": "not in the list", "times": [[0, 0]]}]
+    train = [
+        {"video": "a@b_1.mp4", "description": "a girl waves.", "times": [[0, 0]]},
+        {"video": "a@b_1.mp4", "description": "she jumps.", "times": [[1, 2]]},
+    ]
+    test = [
+        {"video": "c@d_2.mov", "description": "a cat sleeps.", "times": [[0, 1]]},
+        {"video": "c@d_2.mov", "description": "it wakes up.", "times": [[3, 4]]},
+        {"video": "e_3.mp4", "description": "not in the list", "times": [[0, 0]]},
+    ]
     _write(root / "train_data.json", json.dumps(train))
     _write(root / "test_data.json", json.dumps(test))
     _write(root / "test_list.txt", "c@d_2.mov\n")
@@ -85,8 +96,11 @@ def test_activitynet(tmp_path, mp4_factory):
 def test_msvd(tmp_path, mp4_factory):
     root = tmp_path / "msvd"
     mp4_factory("msvd/YouTubeClips/-4wsuPCjDBc_5_15.mp4")
-    _write(root / "AllVideoDescriptions.txt", "# MSVD captions\n\n-4wsuPCjDBc_5_15 a squirrel eats\n"
-           "-4wsuPCjDBc_5_15 a squirrel is eating a peanut\nzzz_1_2 a man sings\n")
+    _write(
+        root / "AllVideoDescriptions.txt",
+        "# MSVD captions\n\n-4wsuPCjDBc_5_15 a squirrel eats\n"
+        "-4wsuPCjDBc_5_15 a squirrel is eating a peanut\nzzz_1_2 a man sings\n",
+    )
     _write(root / "train_list.txt", "-4wsuPCjDBc_5_15\n")
     _write(root / "test_list.txt", "zzz_1_2\n")
     ds = load_dataset(root)
@@ -96,13 +110,20 @@ def test_msvd(tmp_path, mp4_factory):
     assert ds.video_path(ds.videos[0]).is_file()
 
 
-@pytest.mark.parametrize("name,text,expect", [
-    ("MSRVTT_data.json", '{"sentences": [{"video_id": "video0"}]}', "sentences[0]: missing field 'caption'"),
-    ("MSRVTT_data.json", '{"sentences": [{"video_id": "video0", "caption": " "}]}', "sentences[0]: expected a non-empty"),
-    ("MSRVTT_data.json", '{"videos": []', "not valid JSON"),
-    ("MSRVTT_JSFUSION_test.csv", "key,video\nret0,video2\n", "missing column(s) ['video_id', 'sentence']"),
-    ("MSRVTT_train.9k.csv", "video_id\nvideo9\n", "video 'video9' has no sentences"),
-])
+@pytest.mark.parametrize(
+    "name,text,expect",
+    [
+        ("MSRVTT_data.json", '{"sentences": [{"video_id": "video0"}]}', "sentences[0]: missing field 'caption'"),
+        (
+            "MSRVTT_data.json",
+            '{"sentences": [{"video_id": "video0", "caption": " "}]}',
+            "sentences[0]: expected a non-empty",
+        ),
+        ("MSRVTT_data.json", '{"videos": []', "not valid JSON"),
+        ("MSRVTT_JSFUSION_test.csv", "key,video\nret0,video2\n", "missing column(s) ['video_id', 'sentence']"),
+        ("MSRVTT_train.9k.csv", "video_id\nvideo9\n", "video 'video9' has no sentences"),
+    ],
+)
 def test_malformed_msrvtt(msrvtt, name, text, expect):
     (msrvtt / name).write_text(text)
     with pytest.raises(DataError) as info:
@@ -111,14 +132,20 @@ def test_malformed_msrvtt(msrvtt, name, text, expect):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("files,expect", [
-    ({"train_data.json": '{"video": "a"}'}, "train_data.json: expected a list"),
-    ({"train_data.json": '[{"video": "a"}]'}, "entry 0: missing field 'description'"),
-    ({"val_1.json": '{"v_a": {"sentences": []}}'}, "video 'v_a': 'sentences' must be a non-empty list"),
-    ({"val_1.json": '{"v_a": {"timestamps": [[0, 1]], "sentences": ["x", "y"]}}'}, "1 timestamps for 2 sentences"),
-    ({"AllVideoDescriptions.txt": "vid_only\n", "train_list.txt": "vid_only\n"}, "line 1: expected '<video id> <caption>'"),
-    ({"AllVideoDescriptions.txt": "a b c\n", "test_list.txt": "zz\n"}, "test_list.txt: video 'zz' has no captions"),
-])
+@pytest.mark.parametrize(
+    "files,expect",
+    [
+        ({"train_data.json": '{"video": "a"}'}, "train_data.json: expected a list"),
+        ({"train_data.json": '[{"video": "a"}]'}, "entry 0: missing field 'description'"),
+        ({"val_1.json": '{"v_a": {"sentences": []}}'}, "video 'v_a': 'sentences' must be a non-empty list"),
+        ({"val_1.json": '{"v_a": {"timestamps": [[0, 1]], "sentences": ["x", "y"]}}'}, "1 timestamps for 2 sentences"),
+        (
+            {"AllVideoDescriptions.txt": "vid_only\n", "train_list.txt": "vid_only\n"},
+            "line 1: expected '<video id> <caption>'",
+        ),
+        ({"AllVideoDescriptions.txt": "a b c\n", "test_list.txt": "zz\n"}, "test_list.txt: video 'zz' has no captions"),
+    ],
+)
 def test_malformed_other_formats(tmp_path, files, expect):
     for name, text in files.items():
         _write(tmp_path / name, text)

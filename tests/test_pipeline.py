@@ -1,5 +1,6 @@
 """`caredpo run --preset smoke` end to end: the results file's structure and ranges, the outputs a
 person reads, and that a second run reuses every finished stage."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """precision = auto | fp32 | bf16: what each means, and bad values named in one line."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,13 @@ def test_resolve_and_autocast():
         assert (a @ b).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("make", [lambda: CaptionerConfig(lm="tiny", precision="fp16"),
-                                  lambda: RetrieverConfig(text_encoder="tiny", precision="half")])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CaptionerConfig(lm="tiny", precision="fp16"),
+        lambda: RetrieverConfig(text_encoder="tiny", precision="half"),
+    ],
+)
 def test_unknown_precision_is_named(make):
     with pytest.raises(ValueError, match=r"\.precision must be one of"):
         make()

@@ -1,5 +1,6 @@
 """Twin groups in one place: `Dataset.units`, `group_key`, `has_twin_groups` and `work_units`, and
 the stages that batch by them (retriever, preferences, DPO) agreeing on one rule for lone videos."""
+
 from __future__ import annotations
 
 from caredpo.records import Dataset, Sentence, Video, work_units

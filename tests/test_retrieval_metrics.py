@@ -1,4 +1,5 @@
 """Retrieval metrics against a naive loop reference: ties, several sentences per video, v2t, twins."""
+
 from __future__ import annotations
 
 import math

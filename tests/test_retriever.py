@@ -1,4 +1,5 @@
 """Retriever on a tiny random encoder: role embeddings, save/load, scoring, training, resume, CLI."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,14 @@ from caredpo.records import Dataset, Sentence, Video
 from caredpo.retrieval.loss import info_nce
 from caredpo.retrieval.model import Retriever, RetrieverConfig
 from caredpo.retrieval.score import Scorer, evaluate, reference_captions, similarity_matrix
-from caredpo.retrieval.train import (RetrieverTrainConfig, draw_pairs, epoch_batches, preset, train_retriever,
-                                    units_per_batch)
+from caredpo.retrieval.train import (
+    RetrieverTrainConfig,
+    draw_pairs,
+    epoch_batches,
+    preset,
+    train_retriever,
+    units_per_batch,
+)
 
 COLOURS = ["red", "blue", "green", "yellow", "white", "black"]
 MOTIONS = ["left to right", "right to left", "upwards", "downwards"]
@@ -47,8 +54,12 @@ def synthetic(n_groups: int = 6, seed: int = 0) -> tuple[Dataset, Feats]:
             vid = f"v{gi}_{mi}"
             split = "test" if gi >= n_groups - 2 else "train"
             videos.append(Video(vid, f"{vid}.mp4", split, group=f"g{gi}"))
-            texts = [f"a {colour} circle", f"a {colour} circle moves {m}", f"the {colour} ball goes {m}",
-                     f"a small {colour} circle slides {m} on grass"]
+            texts = [
+                f"a {colour} circle",
+                f"a {colour} circle moves {m}",
+                f"the {colour} ball goes {m}",
+                f"a small {colour} circle slides {m} on grass",
+            ]
             sents += [Sentence(vid, t) for t in texts]
             if split == "test":
                 queries[vid] = [texts[3]]
@@ -64,6 +75,7 @@ def tiny():
 
 # ---- role embeddings -----------------------------------------------------------------------------
 
+
 def pair_with_and_without_roles():
     with_role = Retriever(tiny_cfg(role_embeddings=True)).eval()
     without = Retriever(tiny_cfg(role_embeddings=False), copy.deepcopy(with_role.encoder), with_role.tokenizer).eval()
@@ -78,7 +90,9 @@ def test_role_table_starts_at_zero_and_is_the_only_difference():
     feats, caps, qs = torch.randn(3, T, F), ["a red circle", None, "a blue ball goes up"], ["a red circle moves"]
     with torch.no_grad():
         assert torch.allclose(with_role.encode_queries(qs), without.encode_queries(qs), atol=1e-6)
-        assert torch.allclose(with_role.encode_candidates(feats, caps), without.encode_candidates(feats, caps), atol=1e-6)
+        assert torch.allclose(
+            with_role.encode_candidates(feats, caps), without.encode_candidates(feats, caps), atol=1e-6
+        )
 
 
 def test_each_role_row_changes_only_its_own_span():
@@ -107,6 +121,7 @@ def test_role_gradient_flows_and_variants_are_validated():
 
 
 # ---- encoding, pooling, save/load ----------------------------------------------------------------
+
 
 def test_mean_pooling_is_blind_to_frame_order_and_sequence_is_not():
     feats = torch.randn(2, T, F)
@@ -138,8 +153,9 @@ def test_video_span_is_framed_by_cls_and_sep_at_word_scale():
 def test_caption_joins_the_video_span_without_its_own_cls():
     model = Retriever(tiny_cfg()).eval()
     seen = []
-    model.encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]),
-                                            with_kwargs=True)
+    model.encoder.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
+    )
     ids = model.tokenizer(["a red circle"])["input_ids"][0]  # [CLS] ... [SEP]
     with torch.no_grad():
         model.encode_candidates(torch.randn(1, T, F), ["a red circle"])
@@ -200,6 +216,7 @@ def test_info_nce_matches_manual_and_is_symmetric():
 
 # ---- data draws ----------------------------------------------------------------------------------
 
+
 def test_caption_draws_never_leak_the_query():
     ds, _ = synthetic()
     train = [v.id for v in ds.split("train")]
@@ -217,6 +234,7 @@ def test_caption_draws_never_leak_the_query():
 
 # ---- training ------------------------------------------------------------------------------------
 
+
 def smoke_cfg(**kw):
     model = RetrieverConfig(text_encoder="tiny", num_frames=T, train_layers=1)
     return replace(preset("smoke"), model=model, **kw)
@@ -230,7 +248,9 @@ def test_training_lowers_loss_and_keeps_frozen_parts(tmp_path):
     frozen = {n: p.detach().clone() for n, p in init.named_parameters() if not p.requires_grad}
     assert frozen and any("layer.0" in n for n in frozen) and not any("layer.1." in n for n in frozen)
     model, metrics = train_retriever(cfg, ds, feats, tmp_path / "run", progress=False)
-    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    losses = [
+        r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert len(losses) == 40
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8
     for n, p in model.named_parameters():
@@ -271,6 +291,7 @@ def test_evaluate_with_reference_captions_and_custom_queries(tmp_path):
 
 # ---- CLI -----------------------------------------------------------------------------------------
 
+
 def test_cli_train_and_eval(tmp_path, monkeypatch, capsys):
     import typer
     from typer.testing import CliRunner
@@ -283,17 +304,44 @@ def test_cli_train_and_eval(tmp_path, monkeypatch, capsys):
     app.add_typer(cli.app, name="retriever")
     cli.register(app)
     runner = CliRunner()
-    res = runner.invoke(app, ["retriever", "train", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
-                              "--preset", "smoke", "--max-steps", "3", "--variant", "caption"])
+    res = runner.invoke(
+        app,
+        [
+            "retriever",
+            "train",
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "run"),
+            "--preset",
+            "smoke",
+            "--max-steps",
+            "3",
+            "--variant",
+            "caption",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["role_embeddings"] is False
     (tmp_path / "q.json").write_text(json.dumps({"v5_1": ["a red circle moves right to left"]}))
     caps = tmp_path / "caps.jsonl"
-    caps.write_text("".join(json.dumps({"video_id": v.id, "captions": ["gen one", "gen two"]}) + "\n"
-                            for v in ds.split("test")))
+    caps.write_text(
+        "".join(json.dumps({"video_id": v.id, "captions": ["gen one", "gen two"]}) + "\n" for v in ds.split("test"))
+    )
     for extra in (["--captions", "reference"], ["--captions", str(caps), "--queries", str(tmp_path / "q.json")]):
-        res = runner.invoke(app, ["eval", "--model", str(tmp_path / "run" / "model"), "--data", str(tmp_path),
-                                  "--out", str(tmp_path / "m.json"), *extra])
+        res = runner.invoke(
+            app,
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "run" / "model"),
+                "--data",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "m.json"),
+                *extra,
+            ],
+        )
         assert res.exit_code == 0, res.output
         assert "t2v R1" in res.output
     m = json.loads((tmp_path / "m.json").read_text())
@@ -312,8 +360,10 @@ def test_smoke_twinclips_end_to_end(tmp_path):
     store = FeatureStore.load(extract_features(ds, tmp_path / "tc" / "features", FeatureConfig(), progress=False))
     cfg = replace(preset("smoke"), model=replace(preset("smoke").model, num_frames=store.num_frames), epochs=4)
     model, metrics = train_retriever(cfg, ds, store, tmp_path / "run", progress=False)
-    losses = [r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r]
-    assert len(losses) == 12 and all(l == l for l in losses)  # 6 groups / 2 per batch x 4 epochs, no NaN
+    losses = [
+        r["loss"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "loss" in r
+    ]
+    assert len(losses) == 12 and all(x == x for x in losses)  # 6 groups / 2 per batch x 4 epochs, no NaN
     assert metrics["n_videos"] == len(ds.split("test")) and metrics["caption_equals_query"] == 0
 
 
@@ -322,12 +372,17 @@ def test_reference_captions_prefer_specific_sentences_and_never_the_query():
     from caredpo.retrieval.score import reference_captions
 
     videos = [Video("a", "a.mp4", "test"), Video("b", "b.mp4", "test"), Video("c", "c.mp4", "test")]
-    sents = [Sentence("a", "a red circle", "generic"), Sentence("a", "a red circle slides left", "specific"),
-             Sentence("a", "a red circle slides left and turns blue", "specific"),
-             Sentence("b", "a blue square", "generic"), Sentence("b", "a blue square falls", "specific"),
-             Sentence("c", "a green star", "generic")]
-    ds = Dataset("/x", videos, sents, queries={"a": ["a red circle slides left"], "b": ["a blue square"],
-                                           "c": ["a green star"]})
+    sents = [
+        Sentence("a", "a red circle", "generic"),
+        Sentence("a", "a red circle slides left", "specific"),
+        Sentence("a", "a red circle slides left and turns blue", "specific"),
+        Sentence("b", "a blue square", "generic"),
+        Sentence("b", "a blue square falls", "specific"),
+        Sentence("c", "a green star", "generic"),
+    ]
+    ds = Dataset(
+        "/x", videos, sents, queries={"a": ["a red circle slides left"], "b": ["a blue square"], "c": ["a green star"]}
+    )
     for seed in range(5):
         caps = reference_captions(ds, "test", seed=seed)
         assert caps["a"] == "a red circle slides left and turns blue"  # the only specific non-query
@@ -338,8 +393,9 @@ def test_reference_captions_prefer_specific_sentences_and_never_the_query():
 def with_specificity(ds: Dataset) -> Dataset:
     """The synthetic set with its last sentence of each video marked specific, the rest generic."""
     last = {s.video_id: s.text for s in ds.sentences}
-    sents = [Sentence(s.video_id, s.text, "specific" if last[s.video_id] == s.text else "generic")
-             for s in ds.sentences]
+    sents = [
+        Sentence(s.video_id, s.text, "specific" if last[s.video_id] == s.text else "generic") for s in ds.sentences
+    ]
     extra = [Sentence(v.id, f"a second specific sentence of {v.id}", "specific") for v in ds.videos]
     return Dataset(ds.root, ds.videos, sents + extra, ds.queries, name=ds.name)
 
@@ -361,8 +417,9 @@ def test_fine_recipe_draws_discriminative_queries_and_mixes_generated_captions()
             n_generated, n = n_generated + (c == pool[v][0]), n + 1
     assert 0.2 < n_generated / n < 0.3
     only_refs = replace(cfg, generated_caption_prob=0.0)
-    assert all(c in ds.specific_sentences_of(v) for b in batches
-               for v, c in zip(b, draw_pairs(ds, b, pool, only_refs, rng)[1]))
+    assert all(
+        c in ds.specific_sentences_of(v) for b in batches for v, c in zip(b, draw_pairs(ds, b, pool, only_refs, rng)[1])
+    )
     # no specificity marks (real data sets): every sentence can be a query
     plain = synthetic()[0]
     assert plain.specific_sentences_of(train[0]) == plain.sentences_of(train[0])

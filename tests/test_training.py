@@ -1,4 +1,5 @@
 """The trainer toolkit (caredpo.training): checkpoint + resume guard, metrics log, schedules, NaN stop."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,7 @@ import pytest
 import torch
 
 from caredpo.records import DataError, NonFiniteLossError
-from caredpo.training import (SCHEDULES, Checkpoint, MetricsLog, begin, check_finite, lr_schedule,
-                              restore_weights)
+from caredpo.training import SCHEDULES, Checkpoint, MetricsLog, begin, check_finite, lr_schedule, restore_weights
 
 
 def _model_and_opt(seed: int):

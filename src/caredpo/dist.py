@@ -11,6 +11,7 @@ nccl for CUDA tensors where CUDA exists ("cpu:gloo,cuda:nccl"); collectives pick
 Gradients are all-reduced explicitly after backward (not DDP): the captioner trains through
 `.logprob(...)`, not `forward`, and the maths stays visible in the trainers.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,6 +89,7 @@ def barrier() -> None:
 
 # ---- collectives (identity at world size 1) ------------------------------------------------
 
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In-place sum over processes; returns t."""
     if world_size() > 1:
@@ -118,7 +120,7 @@ def all_reduce_grads(params: Sequence[torch.Tensor], average: bool) -> bool:
     offset = 0
     for p, seen in zip(params, present.tolist()):
         n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p) if seen else None  # views of one buffer
+        p.grad = flat[offset : offset + n].view_as(p) if seen else None  # views of one buffer
         offset += n
     return bool(present.sum() > 0)
 
@@ -132,7 +134,7 @@ def shard_sizes(n: int, world: int | None = None) -> list[int]:
 def shard_slice(n: int) -> slice:
     """This process's contiguous share of n items."""
     sizes = shard_sizes(n)
-    start = sum(sizes[:rank()])
+    start = sum(sizes[: rank()])
     return slice(start, start + sizes[rank()])
 
 
@@ -153,8 +155,8 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = all_reduce_sum(grad.contiguous().clone())
-        start = sum(ctx.sizes[:ctx.rank])
-        return grad[start:start + ctx.sizes[ctx.rank]], None
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
 
 
 def gather_with_grad(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -10,16 +10,16 @@ Work is done in shards of videos, each written atomically to `out_dir/shards/`; 
 run resumes at the first missing shard, and a finished run with the same data hash and config
 does nothing. Decoding runs in background threads so it overlaps the CNN.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
-import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -57,18 +57,25 @@ class FeatureConfig:
         if self.size < 32:
             raise ValueError(f"FeatureConfig.size must be >= 32 (EfficientNet downsamples 32x), got {self.size}")
         if self.decode_workers < 0 or self.colour_levels < 0:
-            raise ValueError(f"FeatureConfig: decode_workers and colour_levels must be >= 0, got "
-                             f"{self.decode_workers} and {self.colour_levels}")
+            raise ValueError(
+                f"FeatureConfig: decode_workers and colour_levels must be >= 0, got "
+                f"{self.decode_workers} and {self.colour_levels}"
+            )
 
     @property
     def colour_bins(self) -> int:
         """Channels of each cell's colour histogram (levels^3; 0 when off)."""
-        return self.colour_levels ** 3 if self.colour_levels else 0
+        return self.colour_levels**3 if self.colour_levels else 0
 
     def key(self) -> dict:
         """What the features depend on (batching and threads do not change them)."""
-        return {"model": MODEL_NAME, "num_frames": self.num_frames, "size": self.size, "grid": GRID,
-                "colour_levels": self.colour_levels}
+        return {
+            "model": MODEL_NAME,
+            "num_frames": self.num_frames,
+            "size": self.size,
+            "grid": GRID,
+            "colour_levels": self.colour_levels,
+        }
 
 
 # ----------------------------------------------------------------------------- the encoder
@@ -169,8 +176,13 @@ class _Decoded:
     reason: str = ""
 
 
-def extract_features(dataset: Dataset, out_dir: str | Path, config: FeatureConfig = FeatureConfig(),
-                     skip_bad: bool = False, progress: bool = True) -> Path:
+def extract_features(
+    dataset: Dataset,
+    out_dir: str | Path,
+    config: FeatureConfig = FeatureConfig(),
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> Path:
     """Features of every video of `dataset` into `out_dir`; returns `out_dir`.
 
     Reuses a finished cache with the same data hash and config; recomputes (and says so) when
@@ -185,8 +197,7 @@ def extract_features(dataset: Dataset, out_dir: str | Path, config: FeatureConfi
     with _maybe_progress(progress) as bar:
         task = bar.add_task("features", total=len(dataset.videos) * config.num_frames, unit="frames")
         bar.advance(task, sum(len(s) for i, s in enumerate(shards) if i not in todo) * config.num_frames)
-        _compute_shards(dataset, out, config, shards, todo, meta, skip_bad,
-                        lambda n: bar.advance(task, n))
+        _compute_shards(dataset, out, config, shards, todo, meta, skip_bad, lambda n: bar.advance(task, n))
     _merge(out, len(shards), meta)
     return out
 
@@ -215,6 +226,7 @@ def _decoder(dataset: Dataset, config: FeatureConfig) -> Callable[[Video], _Deco
             return _Decoded(video, read_frames(path, config.num_frames, config.size))
         except VideoError as e:
             return _Decoded(video, None, str(e))
+
     return decode
 
 
@@ -237,8 +249,9 @@ def _prefetch(fn: Callable, items: Sequence, workers: int, ahead: int) -> Iterat
                     f.cancel()
 
 
-def _encode_shard(model, items: list[_Decoded], config: FeatureConfig, skip_bad: bool,
-                  advance: Callable[[int], None]) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _encode_shard(
+    model, items: list[_Decoded], config: FeatureConfig, skip_bad: bool, advance: Callable[[int], None]
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Batches frames across videos: global [n, T, 1280], grid [n, T, 4, 1280] and colour
     [n, T, 4, levels^3], float16."""
     good, skipped = [], []
@@ -252,8 +265,11 @@ def _encode_shard(model, items: list[_Decoded], config: FeatureConfig, skip_bad:
             raise VideoError(item.reason)
     per_batch = max(1, config.batch_size // config.num_frames)  # videos per forward pass
     t, cells, bins = config.num_frames, GRID * GRID, config.colour_bins
-    parts = {"global": [torch.zeros(0, t, FEATURE_DIM)], "grid": [torch.zeros(0, t, cells, FEATURE_DIM)],
-             "colour": [torch.zeros(0, t, cells, bins)]}
+    parts = {
+        "global": [torch.zeros(0, t, FEATURE_DIM)],
+        "grid": [torch.zeros(0, t, cells, FEATURE_DIM)],
+        "colour": [torch.zeros(0, t, cells, bins)],
+    }
     for k in range(0, len(good), per_batch):
         chunk = np.concatenate(good[k : k + per_batch])  # [b*T, S, S, 3]
         g, m = encode_frames(model, preprocess(chunk, config.channels_last))
@@ -277,8 +293,12 @@ def _write_shard(path: Path, tensors: dict, ids: list[str], skipped: list[dict],
     from safetensors.torch import save
 
     bad = {s["id"] for s in skipped}
-    info = {"meta": json.dumps(meta, sort_keys=True), "expected": json.dumps(ids),
-            "ids": json.dumps([i for i in ids if i not in bad]), "skipped": json.dumps(skipped)}
+    info = {
+        "meta": json.dumps(meta, sort_keys=True),
+        "expected": json.dumps(ids),
+        "ids": json.dumps([i for i in ids if i not in bad]),
+        "skipped": json.dumps(skipped),
+    }
     atomic_write_bytes(path, save(tensors, metadata=info))
 
 
@@ -300,9 +320,11 @@ def _shard_is_valid(path: Path, videos: list[Video], meta: dict, skip_bad: bool)
             info = f.metadata() or {}
     except Exception:  # a foreign or damaged file: recompute it
         return False
-    return (info.get("meta") == json.dumps(meta, sort_keys=True)
-            and info.get("expected") == json.dumps([v.id for v in videos])
-            and (skip_bad or json.loads(info.get("skipped", "[]")) == []))
+    return (
+        info.get("meta") == json.dumps(meta, sort_keys=True)
+        and info.get("expected") == json.dumps([v.id for v in videos])
+        and (skip_bad or json.loads(info.get("skipped", "[]")) == [])
+    )
 
 
 def _merge(out: Path, n_shards: int, meta: dict) -> None:
@@ -339,8 +361,10 @@ def _cache_is_valid(out: Path, meta: dict, skip_bad: bool) -> bool:
         return False
     if old.get("skipped") and not skip_bad:
         first = old["skipped"][0]
-        raise DataError(f"{out / META_FILE}: {len(old['skipped'])} video(s) were skipped as unreadable "
-                        f"(first: {first['path']}: {first['reason']}); fix them or pass skip_bad / --skip-bad")
+        raise DataError(
+            f"{out / META_FILE}: {len(old['skipped'])} video(s) were skipped as unreadable "
+            f"(first: {first['path']}: {first['reason']}); fix them or pass skip_bad / --skip-bad"
+        )
     return True
 
 
@@ -377,7 +401,7 @@ class FeatureStore:
             self._grid = torch.cat([self._grid, tensors["colour"]], -1)
 
     @classmethod
-    def load(cls, root: str | Path) -> "FeatureStore":
+    def load(cls, root: str | Path) -> FeatureStore:
         from safetensors.torch import load_file
 
         root = Path(root)
@@ -386,8 +410,10 @@ class FeatureStore:
             raise DataError(f"{root / FEATURES_FILE}: file not found (run `caredpo features` first)")
         tensors = load_file(str(root / FEATURES_FILE))
         if tensors["global"].shape[0] != len(meta.get("video_ids", [])):
-            raise DataError(f"{root}: {META_FILE} lists {len(meta.get('video_ids', []))} videos but "
-                            f"{FEATURES_FILE} has {tensors['global'].shape[0]} rows")
+            raise DataError(
+                f"{root}: {META_FILE} lists {len(meta.get('video_ids', []))} videos but "
+                f"{FEATURES_FILE} has {tensors['global'].shape[0]} rows"
+            )
         return cls(root, meta, tensors)
 
     @property

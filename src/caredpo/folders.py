@@ -4,6 +4,7 @@ A reader never sees a half-written model or checkpoint folder: `staged_dir` yiel
 temporary folder next to the target and, once the block ends without an error, renames it over
 the target (`replace_dir`).
 """
+
 from __future__ import annotations
 
 import os

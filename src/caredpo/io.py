@@ -3,6 +3,7 @@
 Sharded JSONL (one writer per process under torchrun): each process appends to its own
 `NAME.part<rank>`; when all are done, rank 0 folds them into NAME with `merge_parts`.
 """
+
 from __future__ import annotations
 
 import glob
@@ -10,8 +11,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -106,8 +108,14 @@ def field_problem(row: Mapping[str, Any], fields: Fields) -> str | None:
     return None
 
 
-_JSON_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", float: "a number",
-               bool: "true/false"}
+_JSON_NAMES = {
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    int: "an integer",
+    float: "a number",
+    bool: "true/false",
+}
 
 
 def _json_type(value: Any) -> str:
@@ -139,6 +147,7 @@ def _truncate_torn_tail(path: Path) -> None:
 
 # ---- sharded jsonl -------------------------------------------------------------------------------
 
+
 def part_path(path: str | Path, rank: int) -> Path:
     """Process `rank`'s part of a sharded jsonl: NAME.part<rank> next to NAME."""
     path = Path(path)
@@ -149,8 +158,11 @@ def part_paths(path: str | Path) -> list[Path]:
     """The part files of `path` that exist (from any earlier world size), in rank order."""
     path = Path(path)
     pattern = re.compile(re.escape(path.name) + r"\.part(\d+)")
-    found = [(int(m.group(1)), p) for p in path.parent.glob(glob.escape(path.name) + ".part*")
-             if (m := pattern.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in path.parent.glob(glob.escape(path.name) + ".part*")
+        if (m := pattern.fullmatch(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 

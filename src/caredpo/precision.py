@@ -6,6 +6,7 @@ the code upcasts before them. `auto` takes bf16 on CUDA and on CPUs with native 
 (AVX512-BF16 or AMX), where it is faster than fp32 (docs/results.md, "Precision"); fp32 elsewhere.
 Why each part runs where it does: docs/design.md, "Precision".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,7 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve(precision: str, device: str | torch.device = "cpu") -> str:
-    """"fp32" or "bf16": what `precision` means on `device`."""
+    """ "fp32" or "bf16": what `precision` means on `device`."""
     if precision != "auto":
         return precision
     if torch.device(device).type == "cuda":

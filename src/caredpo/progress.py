@@ -1,9 +1,10 @@
 """One look for long work: rich progress bars with counts, rates and time left.
 
-    with progress_bar() as bar:
-        task = bar.add_task("features", total=n, unit="frames")
-        bar.advance(task, 16)
+with progress_bar() as bar:
+    task = bar.add_task("features", total=n, unit="frames")
+    bar.advance(task, 16)
 """
+
 from __future__ import annotations
 
 from rich.console import Console

@@ -3,13 +3,15 @@
 TwinClips, MSR-VTT, DiDeMo, ActivityNet Captions and MSVD all become one `Dataset`, so every
 later stage (features, captioner, retriever, preferences, evaluation) reads one shape.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

@@ -15,6 +15,7 @@ guard) and state.json ({"step"}). It is written whole beside the previous one an
 (`folders.staged_dir`), so a kill leaves one or the other, never a torn one. Every trainer's data
 order is a pure function of (seed, step), so these files resume a run exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ def plain(obj: Any) -> Any:
 
 # ---------------------------------------------------------------- learning rate
 
+
 def _constant(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up from 1/warmup_steps to 1, then constant."""
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
@@ -61,8 +63,9 @@ def _cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 SCHEDULES: dict[str, Callable[[int, int, int], float]] = {"constant": _constant, "cosine": _cosine}
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int,
-                total_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Each group's lr = its initial lr x SCHEDULES[name](step); call .step() after each update."""
     factor = SCHEDULES[name]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: factor(s, warmup_steps, total_steps))
@@ -74,6 +77,7 @@ def due(period: int, step: int) -> bool:
 
 
 # ---------------------------------------------------------------- metrics log
+
 
 class MetricsLog:
     """out_dir/log.jsonl: rows appended as the run goes; rows past a checkpoint are dropped on resume."""
@@ -96,13 +100,16 @@ class MetricsLog:
 
 # ---------------------------------------------------------------- checkpoint
 
+
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], where: Path) -> None:
     """Refuse to resume when a setting of the guard differs (named in the error)."""
     old, new = _flat(saved), _flat(current)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if changed:
-        raise DataError(f"{where}: checkpoint was made with other settings ({', '.join(changed[:6])}); resume with "
-                        "the same settings, or start without --resume / with another --out")
+        raise DataError(
+            f"{where}: checkpoint was made with other settings ({', '.join(changed[:6])}); resume with "
+            "the same settings, or start without --resume / with another --out"
+        )
 
 
 def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -133,12 +140,24 @@ class Checkpoint:
         folder = self._folder()
         return None if folder is None else int(read_json(folder / _STATE)["step"])
 
-    def save(self, step: int, meta: Mapping[str, Any], weights: Mapping[str, Tensor],
-             optimizer: torch.optim.Optimizer, scheduler) -> None:
+    def save(
+        self,
+        step: int,
+        meta: Mapping[str, Any],
+        weights: Mapping[str, Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+    ) -> None:
         with staged_dir(self.path) as tmp:
             torch.save(dict(weights), tmp / _WEIGHTS)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, tmp / _TRAINER)
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                },
+                tmp / _TRAINER,
+            )
             write_json(tmp / _META, plain(dict(meta)))
             write_json(tmp / _STATE, {"step": step})
 
@@ -188,19 +207,32 @@ def begin(out_dir: str | Path, resume: bool, main: bool = True) -> int | None:
 
 # ---------------------------------------------------------------- non-finite check
 
-def check_finite(value: Tensor | float, what: str, step: int, checkpoint: Checkpoint | None, trainer: str,
-                 hint: str, details: str = "") -> None:
+
+def check_finite(
+    value: Tensor | float,
+    what: str,
+    step: int,
+    checkpoint: Checkpoint | None,
+    trainer: str,
+    hint: str,
+    details: str = "",
+) -> None:
     """Raise NonFiniteLossError (before the update) when `value` is NaN/inf, naming the last good
     checkpoint."""
     value = torch.as_tensor(value)
     if torch.isfinite(value).all():
         return
     last = checkpoint.step() if checkpoint is not None else None
-    kept = f"the last good checkpoint is {checkpoint.path} (step {last})" if last is not None else \
-        "no checkpoint was written yet"
+    kept = (
+        f"the last good checkpoint is {checkpoint.path} (step {last})"
+        if last is not None
+        else "no checkpoint was written yet"
+    )
     details = f"; {details}" if details else ""
-    raise NonFiniteLossError(f"{trainer} step {step}: non-finite {what} ({float(value.detach())}{details}); "
-                             f"stopped before the update; {kept}. {hint}")
+    raise NonFiniteLossError(
+        f"{trainer} step {step}: non-finite {what} ({float(value.detach())}{details}); "
+        f"stopped before the update; {kept}. {hint}"
+    )
 
 
 def clip_gradients(params: list[Tensor], grad_clip: float) -> Tensor:

@@ -4,6 +4,7 @@ No torchvision: resizing is `F.interpolate(antialias=True)` on a centre crop (th
 encoder's own pixel scaling lives in `caredpo.features.preprocess`). Every failure is a
 `VideoError` whose message is one line naming the file and reason.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -88,4 +89,3 @@ def square_resize(frame: np.ndarray, size: int) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None].float()
     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-

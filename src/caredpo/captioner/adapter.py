@@ -3,6 +3,7 @@
 A saved captioner keeps its adapter in `<folder>/adapter/` (peft's `adapter_model.safetensors` and
 `adapter_config.json`); loading refuses weights that do not fit the model instead of skipping them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

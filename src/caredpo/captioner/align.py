@@ -11,6 +11,7 @@ projector that carries colour and kind of motion, which the LM-only gradient is 
 
 A step is a [B, N, d] x [d, V] product with V ~ 200: well under a second on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 
 from ..records import NonFiniteLossError
 
-
 # ------------------------------------------------------------------ pure tensor functions
+
 
 def word_logits(visual: torch.Tensor, words: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """Video-level word scores: [B, N, d] visual tokens x [V, d] word embeddings -> [B, V].
@@ -42,6 +43,7 @@ def bag_of_words_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 # ------------------------------------------------------------------ targets
 
+
 def caption_vocabulary(token_ids: Mapping[str, Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids used by the captions of these videos ([V], sorted) and their IDF ([V]).
 
@@ -52,8 +54,9 @@ def caption_vocabulary(token_ids: Mapping[str, Sequence[Sequence[int]]]) -> tupl
     return torch.tensor(vocab, dtype=torch.long), idf
 
 
-def bag_of_words_targets(sentences: Sequence[Sequence[Sequence[int]]], vocab: torch.Tensor,
-                         idf: torch.Tensor) -> torch.Tensor:
+def bag_of_words_targets(
+    sentences: Sequence[Sequence[Sequence[int]]], vocab: torch.Tensor, idf: torch.Tensor
+) -> torch.Tensor:
     """[B, V] targets: per video, counts of vocab tokens over all its sentences x IDF, normalised.
 
     Tokens outside the vocabulary are ignored; a video whose tokens all have IDF 0 (a word every
@@ -70,8 +73,18 @@ def bag_of_words_targets(sentences: Sequence[Sequence[Sequence[int]]], vocab: to
 
 # ------------------------------------------------------------------ the phase
 
-def align_projector(model, store, sentences: Mapping[str, Sequence[str]], train_ids: Sequence[str], steps: int,
-                    lr: float, batch_videos: int, seed: int = 0, show_progress: bool = True) -> dict:
+
+def align_projector(
+    model,
+    store,
+    sentences: Mapping[str, Sequence[str]],
+    train_ids: Sequence[str],
+    steps: int,
+    lr: float,
+    batch_videos: int,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> dict:
     """Train `model.projector` alone (LM untouched) on the bag-of-words loss for `steps` steps.
 
     sentences: video id -> its reference sentences; batches of `batch_videos` train videos are drawn
@@ -101,13 +114,19 @@ def align_projector(model, store, sentences: Mapping[str, Sequence[str]], train_
                 logits = word_logits(visual, words, log_scale.exp()).float()
             loss = bag_of_words_loss(logits, targets[rows.to(model.device)])
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"projector alignment step {len(losses) + 1}: non-finite loss "
-                                         f"({float(loss.detach())}); lower align_lr (now {lr})")
+                raise NonFiniteLossError(
+                    f"projector alignment step {len(losses) + 1}: non-finite loss "
+                    f"({float(loss.detach())}); lower align_lr (now {lr})"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
             bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
-    return {"steps": steps, "vocab_size": len(vocab), "first_loss": round(losses[0], 4) if losses else None,
-            "last_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4) if losses else None,
-            "logit_scale": round(float(log_scale.detach().exp()), 2)}
+    return {
+        "steps": steps,
+        "vocab_size": len(vocab),
+        "first_loss": round(losses[0], 4) if losses else None,
+        "last_loss": round(sum(losses[-10:]) / max(1, len(losses[-10:])), 4) if losses else None,
+        "logit_scale": round(float(log_scale.detach().exp()), 2),
+    }

@@ -3,6 +3,7 @@
 The preference stage and the DG-DPO trainer only talk to this protocol, so a backend is swapped
 without touching them.
 """
+
 from __future__ import annotations
 
 from typing import Protocol, runtime_checkable

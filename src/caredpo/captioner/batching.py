@@ -1,5 +1,6 @@
 """Batch helpers shared by both captioner backends (our VideoCaptioner and the HF MLLMs):
 caption ids, distinct clips, per-token log-probs."""
+
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,7 @@ def caption_ids(tokenizer, captions: list[str], end_id: int, pad_id: int) -> tup
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), L, dtype=torch.bool)
     for i, r in enumerate(rows):
-        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), True
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), True
     return ids, mask
 
 

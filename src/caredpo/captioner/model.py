@@ -9,6 +9,7 @@ The part before the caption (the *prefix*, P = head + V + tail tokens) runs once
 video and its KV cache serves every caption of that video (`prefix.PrefixCaptioner`, shared with
 the HF backend); the LM head (576 x 49152 for SmolLM2) runs only where a caption token is predicted.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
@@ -67,7 +68,9 @@ class CaptionerConfig:
         if self.lora_layers < -1:
             raise ValueError(f"CaptionerConfig.lora_layers must be -1 (all), 0 (none) or k > 0, got {self.lora_layers}")
         if self.chat_format not in CHAT_FORMATS:
-            raise ValueError(f"CaptionerConfig.chat_format must be one of {sorted(CHAT_FORMATS)}, got {self.chat_format!r}")
+            raise ValueError(
+                f"CaptionerConfig.chat_format must be one of {sorted(CHAT_FORMATS)}, got {self.chat_format!r}"
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"CaptionerConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         precision.check(self.precision, "CaptionerConfig")
@@ -82,7 +85,7 @@ class CaptionerConfig:
         return self.num_frames * self.grid_cells + self.clip_tokens
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CaptionerConfig":
+    def from_dict(cls, d: dict) -> CaptionerConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -215,8 +218,10 @@ class VideoCaptioner(PrefixCaptioner):
         """Check shape, subsample frames evenly to num_frames, move to the model's device."""
         cfg = self.config
         if features.dim() != 4 or features.shape[2:] != (cfg.grid_cells, cfg.input_dim):
-            raise ValueError(f"features must be [B, T, {cfg.grid_cells}, {cfg.input_dim}] ({cfg.feature_dim} CNN + "
-                             f"{cfg.colour_bins} colour channels), got {tuple(features.shape)}")
+            raise ValueError(
+                f"features must be [B, T, {cfg.grid_cells}, {cfg.input_dim}] ({cfg.feature_dim} CNN + "
+                f"{cfg.colour_bins} colour channels), got {tuple(features.shape)}"
+            )
         T = features.shape[1]
         if T < cfg.num_frames:
             raise ValueError(f"features have {T} frames, the captioner needs {cfg.num_frames}")
@@ -303,6 +308,13 @@ def _add_lora(lm, cfg: CaptionerConfig):
         return lm
     n_layers = lm.config.num_hidden_layers
     k = n_layers if cfg.lora_layers == -1 else min(cfg.lora_layers, n_layers)
-    return add_lora(lm, cfg.seed, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=list(cfg.lora_targets), layers_to_transform=list(range(n_layers - k, n_layers)),
-                    task_type="CAUSAL_LM")
+    return add_lora(
+        lm,
+        cfg.seed,
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        layers_to_transform=list(range(n_layers - k, n_layers)),
+        task_type="CAUSAL_LM",
+    )

@@ -12,6 +12,7 @@ where a caption token is predicted. A backend subclasses `PrefixCaptioner` and s
     lm_head, tokenizer, device, end_id (closes a caption, fills stopped rows), pad_id, stop_ids
     autocast() (optional): the context every LM pass runs in
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -93,17 +94,33 @@ class PrefixCaptioner(nn.Module):
     # ------------------------------------------------------------ sampling
 
     @torch.inference_mode()
-    def generate(self, features: Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                 max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> list[list[str]]:
+    def generate(
+        self,
+        features: Tensor,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 32,
+        seed: int | Sequence[int] | None = None,
+    ) -> list[list[str]]:
         """n captions per clip; temperature 0 = greedy. Same seed -> same captions; one seed per
         video: a video's captions do not depend on the other videos of the batch."""
-        texts = [self.decode_ids(row) for row in
-                 self.generate_ids(features, n, temperature, top_p, max_new_tokens, seed).tolist()]
-        return [texts[i * n:(i + 1) * n] for i in range(features.shape[0])]
+        texts = [
+            self.decode_ids(row)
+            for row in self.generate_ids(features, n, temperature, top_p, max_new_tokens, seed).tolist()
+        ]
+        return [texts[i * n : (i + 1) * n] for i in range(features.shape[0])]
 
     @torch.inference_mode()
-    def generate_ids(self, features: Tensor, n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-                     max_new_tokens: int = 32, seed: int | Sequence[int] | None = None) -> Tensor:
+    def generate_ids(
+        self,
+        features: Tensor,
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 32,
+        seed: int | Sequence[int] | None = None,
+    ) -> Tensor:
         """Token ids [B * n, max_new_tokens] (row b*n + j: sample j of clip b; end-filled after the end).
         One prefix pass per distinct clip, its KV cache repeated for the n samples."""
         _check_sampling(n, temperature, top_p, max_new_tokens)
@@ -114,8 +131,16 @@ class PrefixCaptioner(nn.Module):
             h = _select_rows(last, cache, inv.repeat_interleave(n))
             return self.sample_loop(h, cache, temperature, top_p, max_new_tokens, gen, table)
 
-    def sample_loop(self, h: Tensor, cache, temperature: float, top_p: float, max_new_tokens: int,
-                    gen: torch.Generator | None = None, table: Tensor | None = None) -> Tensor:
+    def sample_loop(
+        self,
+        h: Tensor,
+        cache,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        gen: torch.Generator | None = None,
+        table: Tensor | None = None,
+    ) -> Tensor:
         """From prefix hidden states h [R, d] and their cache -> token ids [R, max_new_tokens].
         Row r at step t uses the uniform table[r, t] when given, else one draw of `gen` per row
         and step (drawn for all R rows, so a row's sample does not depend on the others stopping).
@@ -139,4 +164,4 @@ class PrefixCaptioner(nn.Module):
     def decode_ids(self, row: list[int]) -> str:
         """Caption text of one row of token ids: up to the first stop id."""
         ends = [i for i, t in enumerate(row) if t in self.stop_ids]
-        return self.tokenizer.decode(row[:ends[0]] if ends else row, skip_special_tokens=True).strip()
+        return self.tokenizer.decode(row[: ends[0]] if ends else row, skip_special_tokens=True).strip()

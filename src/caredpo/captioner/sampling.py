@@ -3,6 +3,7 @@
 A sample is a function of its uniforms only, so a seed (one per video: `video_uniforms`) fixes a
 video's captions whatever else is in the batch, and greedy decoding is the same code at T = 0.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

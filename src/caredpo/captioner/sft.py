@@ -12,20 +12,32 @@ Run folder (`caredpo.training`): model/ (the captioner, `VideoCaptioner.from_pre
 checkpoint/ (latest resumable state), align.json (the alignment phase), log.jsonl (train and val
 losses), train_config.json, metrics.json (settings and final numbers).
 """
+
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..io import read_json, write_json
 from ..records import SENTENCE_POOLS, DataError, Dataset, check_pool
-from ..training import (CONFIG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin, check_finite, clip_gradients, due,
-                        lr_schedule, plain, restore_weights)
+from ..training import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    Checkpoint,
+    MetricsLog,
+    begin,
+    check_finite,
+    clip_gradients,
+    due,
+    lr_schedule,
+    plain,
+    restore_weights,
+)
 from .align import align_projector
 from .model import VideoCaptioner
 
@@ -59,8 +71,15 @@ class SFTConfig:
         for name in ("steps", "videos_per_step", "captions_per_video", "align_batch_videos"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "grad_clip", "val_videos", "val_every", "save_every", "weight_decay",
-                     "align_steps"):
+        for name in (
+            "warmup_steps",
+            "grad_clip",
+            "val_videos",
+            "val_every",
+            "save_every",
+            "weight_decay",
+            "align_steps",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"SFTConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -71,6 +90,7 @@ class SFTConfig:
 
 
 # ------------------------------------------------------------------ data
+
 
 def split_train_val(dataset: Dataset, ids_with_features, cfg: SFTConfig) -> tuple[list[str], list[str]]:
     """Train and val video ids (with features and sentences). Val: the "val" split if any, else
@@ -96,7 +116,7 @@ def batch_at(step: int, train_ids: list[str], sentences: dict[str, list[str]], c
     order = list(train_ids)
     random.Random(f"{cfg.seed}-{epoch}").shuffle(order)
     vids, caps = [], []
-    for vid in order[k * cfg.videos_per_step:(k + 1) * cfg.videos_per_step]:
+    for vid in order[k * cfg.videos_per_step : (k + 1) * cfg.videos_per_step]:
         sents = list(sentences[vid])
         random.Random(f"{cfg.seed}-{vid}").shuffle(sents)  # fixed per video; epochs rotate through it
         m = min(cfg.captions_per_video, len(sents))
@@ -108,17 +128,28 @@ def batch_at(step: int, train_ids: list[str], sentences: dict[str, list[str]], c
 
 # ------------------------------------------------------------------ optimisation
 
+
 def make_optimizer(model: VideoCaptioner, cfg: SFTConfig):
     """AdamW on the projector and LoRA groups, linear warm-up then cosine to 10%."""
     model.set_trainable(projector=cfg.train_projector, lora=cfg.train_lora)
-    groups = [{"params": [p for p in model.projector.parameters() if p.requires_grad], "lr": cfg.lr_projector},
-              {"params": [p for n, p in model.lm.named_parameters() if p.requires_grad], "lr": cfg.lr_lora}]
+    groups = [
+        {"params": [p for p in model.projector.parameters() if p.requires_grad], "lr": cfg.lr_projector},
+        {"params": [p for n, p in model.lm.named_parameters() if p.requires_grad], "lr": cfg.lr_lora},
+    ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay)
     return opt, lr_schedule(opt, "cosine", cfg.warmup_steps, cfg.steps)
 
 
-def train_step(model: VideoCaptioner, feats: torch.Tensor, caps: list[str], opt, sched, cfg: SFTConfig,
-               step: int, checkpoint: Checkpoint) -> float:
+def train_step(
+    model: VideoCaptioner,
+    feats: torch.Tensor,
+    caps: list[str],
+    opt,
+    sched,
+    cfg: SFTConfig,
+    step: int,
+    checkpoint: Checkpoint,
+) -> float:
     """One update; a NaN/inf loss or gradient norm stops the run before it (`check_finite`)."""
     model.train()
     loss = model.nll(feats, caps)
@@ -133,13 +164,14 @@ def train_step(model: VideoCaptioner, feats: torch.Tensor, caps: list[str], opt,
 
 
 @torch.no_grad()
-def val_loss(model: VideoCaptioner, store, val_ids: list[str], sentences: dict[str, list[str]],
-             videos_per_batch: int = 8) -> float:
+def val_loss(
+    model: VideoCaptioner, store, val_ids: list[str], sentences: dict[str, list[str]], videos_per_batch: int = 8
+) -> float:
     """Mean token NLL over all sentences of the val videos."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(val_ids), videos_per_batch):
-        chunk = val_ids[i:i + videos_per_batch]
+        chunk = val_ids[i : i + videos_per_batch]
         vids = [v for v in chunk for _ in sentences[v]]
         caps = [s for v in chunk for s in sentences[v]]
         lp, mask = model.token_logprobs(store.grid_feats(vids), caps)
@@ -154,15 +186,31 @@ def run_weights(model: VideoCaptioner) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------ the loop
 
-def train_sft(model: VideoCaptioner, dataset: Dataset, store, out_dir: str | Path, cfg: SFTConfig = SFTConfig(),
-              resume: bool = False, show_progress: bool = True, log: Callable[[str], None] = print) -> dict:
+
+def train_sft(
+    model: VideoCaptioner,
+    dataset: Dataset,
+    store,
+    out_dir: str | Path,
+    cfg: SFTConfig = SFTConfig(),
+    resume: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Fine-tune `model` in place; writes out_dir/{model,checkpoint,log.jsonl,train_config.json,metrics.json}."""
     out = Path(out_dir)
     train_ids, val_ids = split_train_val(dataset, set(store.ids), cfg)
     sentences = {v: SENTENCE_POOLS[cfg.sentences](dataset, v) for v in train_ids + val_ids}
     val_ids = val_ids[: cfg.val_videos]
-    meta = plain({"sft": asdict(cfg), "captioner": asdict(model.config), "data": str(dataset.root),
-                  "train_videos": len(train_ids), "val_videos": len(val_ids)})
+    meta = plain(
+        {
+            "sft": asdict(cfg),
+            "captioner": asdict(model.config),
+            "data": str(dataset.root),
+            "train_videos": len(train_ids),
+            "val_videos": len(val_ids),
+        }
+    )
     start = begin(out, resume)
     if start is None:  # a fresh start; the checkpoint of a resumed run already holds the aligned projector
         _align(model, store, sentences, train_ids, out, cfg, show_progress)
@@ -177,9 +225,13 @@ def train_sft(model: VideoCaptioner, dataset: Dataset, store, out_dir: str | Pat
     plan = (train_ids, val_ids, sentences)
     last_val = _loop(model, store, plan, opt, sched, cfg, start or 0, ckpt, meta, show_progress)
     model.save_pretrained(out / "model")
-    result = {**meta, "align": read_json(out / ALIGN_FILE) if (out / ALIGN_FILE).exists() else None,
-              "steps_done": cfg.steps, "final_val_loss": last_val,
-              "seconds_this_run": round(time.perf_counter() - t0, 1)}
+    result = {
+        **meta,
+        "align": read_json(out / ALIGN_FILE) if (out / ALIGN_FILE).exists() else None,
+        "steps_done": cfg.steps,
+        "final_val_loss": last_val,
+        "seconds_this_run": round(time.perf_counter() - t0, 1),
+    }
     write_json(out / SUMMARY_FILE, result)
     return result
 
@@ -187,12 +239,25 @@ def train_sft(model: VideoCaptioner, dataset: Dataset, store, out_dir: str | Pat
 def _align(model: VideoCaptioner, store, sentences, train_ids, out: Path, cfg: SFTConfig, show_progress: bool) -> None:
     (out / ALIGN_FILE).unlink(missing_ok=True)
     if cfg.align_steps:
-        write_json(out / ALIGN_FILE, align_projector(model, store, sentences, train_ids, cfg.align_steps, cfg.align_lr,
-                                                     cfg.align_batch_videos, cfg.seed, show_progress))
+        write_json(
+            out / ALIGN_FILE,
+            align_projector(
+                model,
+                store,
+                sentences,
+                train_ids,
+                cfg.align_steps,
+                cfg.align_lr,
+                cfg.align_batch_videos,
+                cfg.seed,
+                show_progress,
+            ),
+        )
 
 
-def _loop(model, store, plan, opt, sched, cfg: SFTConfig, start: int, ckpt: Checkpoint, meta: dict,
-          show_progress: bool) -> float | None:
+def _loop(
+    model, store, plan, opt, sched, cfg: SFTConfig, start: int, ckpt: Checkpoint, meta: dict, show_progress: bool
+) -> float | None:
     """Steps start..cfg.steps: log rows, val passes, checkpoints. Returns the last val loss."""
     from rich.progress import TextColumn
 

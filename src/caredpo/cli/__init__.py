@@ -3,6 +3,7 @@
 `main(argv) -> int` is the entry point for tests and scripts; `run_cli` is the console script.
 Bad input surfaces as one line on stderr and exit code 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,12 @@ from . import prefs as _prefs
 from . import retriever as _retriever
 from . import run as _run
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="CaRe-DPO: captions tuned for text-video retrieval.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="CaRe-DPO: captions tuned for text-video retrieval.",
+)
 _run.register(app)  # the main job first in --help
 app.add_typer(_data.app, name="data")
 _data.register(app)

@@ -1,8 +1,8 @@
 """`caredpo captioner sft` and `caredpo captioner generate` (stages `sft`, `train_captions`, `test_captions`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,8 +12,11 @@ from ..captioner.sft import SFTConfig
 from .common import PRESET, SEED, THREADS, load_data, preset_config, read_data, set_threads
 from .flags import NO_OVERRIDES, Overrides, config_flags
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="The video captioner: supervised fine-tuning and caption generation.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="The video captioner: supervised fine-tuning and caption generation.",
+)
 
 # --split -> the preset's sampling config (the pipeline captions train videos for the retrievers'
 # pool and test videos per arm; other splits take the test settings)
@@ -25,7 +28,7 @@ DEFAULT_SAMPLING = "test_captions"
 @config_flags(captioner=CaptionerConfig, sft=SFTConfig)
 def sft(
     data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
-    features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
+    features: Path | None = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
     out: Path = typer.Option(..., "--out", help="Run folder: model/, checkpoint/, log.jsonl, metrics.json."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
     preset: str = PRESET,
@@ -49,17 +52,23 @@ def sft(
 @app.command("generate")
 @config_flags(sampling=SamplingConfig)
 def generate(
-    model: Optional[Path] = typer.Option(None, "--model", help="Captioner folder (or an SFT/DPO run folder)."),
+    model: Path | None = typer.Option(None, "--model", help="Captioner folder (or an SFT/DPO run folder)."),
     data: Path = typer.Option(..., "--data", help="Data folder."),
-    backend: Optional[str] = typer.Option(None, "--captioner", help="hf: a Hugging Face video MLLM from "
-                                          "--model-path instead of our captioner (--model)."),
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help="--captioner hf: local HF model folder "
-                                              "(or the model/ folder `caredpo dpo` saved)."),
-    features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
+    backend: str | None = typer.Option(
+        None, "--captioner", help="hf: a Hugging Face video MLLM from --model-path instead of our captioner (--model)."
+    ),
+    model_path: Path | None = typer.Option(
+        None, "--model-path", help="--captioner hf: local HF model folder (or the model/ folder `caredpo dpo` saved)."
+    ),
+    features: Path | None = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
     out: Path = typer.Option(..., "--out", help="captions .jsonl (appended to; resumes without duplicates)."),
-    split: str = typer.Option("test", "--split", help="Which split to caption (train, val, test, all); train "
-                              "takes the preset's train_captions settings, the others its test_captions."),
-    lm: Optional[str] = typer.Option(None, "--lm", help="Override where the base LM comes from."),
+    split: str = typer.Option(
+        "test",
+        "--split",
+        help="Which split to caption (train, val, test, all); train "
+        "takes the preset's train_captions settings, the others its test_captions.",
+    ),
+    lm: str | None = typer.Option(None, "--lm", help="Override where the base LM comes from."),
     preset: str = PRESET,
     seed: int = SEED,
     threads: int = THREADS,
@@ -87,7 +96,7 @@ def generate(
         typer.echo(str(path))
 
 
-def _is_hf(backend: Optional[str], model: Optional[Path], model_path: Optional[Path]) -> bool:
+def _is_hf(backend: str | None, model: Path | None, model_path: Path | None) -> bool:
     """--captioner hf --model-path PATH (an HF video MLLM) or our captioner from --model FOLDER."""
     if backend not in (None, "hf"):
         raise typer.BadParameter(f"--captioner takes only `hf` (our captioner: --model FOLDER), got {backend!r}")

@@ -1,16 +1,17 @@
 """Helpers shared by the stage commands: the preset every command starts from, threads, loading."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..records import DataError
 
 # Every stage command starts from the configs `caredpo run --preset P --seed S` uses; options override.
-PRESET = typer.Option("default", "--preset", help="smoke | default: the configs `caredpo run` uses; "
-                      "options given replace single fields.")
+PRESET = typer.Option(
+    "default", "--preset", help="smoke | default: the configs `caredpo run` uses; options given replace single fields."
+)
 SEED = typer.Option(0, "--seed", help="seed of the run (every config's seed follows from it, as in `caredpo run`)")
 THREADS = typer.Option(0, "--threads", help="torch threads (0: torch's default).")
 
@@ -43,7 +44,7 @@ def read_data(data: Path, seed: int):
     return run_dataset(DataSource(data), seed, log=lambda line: typer.echo(line, err=True))
 
 
-def load_data(data: Path, features: Optional[Path], seed: int):
+def load_data(data: Path, features: Path | None, seed: int):
     """(Dataset, FeatureStore) of a data folder as `caredpo run` reads it (`read_data`, then only the
     videos with features); features default to DATA/features."""
     from ..data.splits import with_features
@@ -54,7 +55,7 @@ def load_data(data: Path, features: Optional[Path], seed: int):
     return with_features(read_data(data, seed), store.ids, str(path)), store
 
 
-def load_captioner(captioner: str | Path, model_path: Optional[Path] = None):
+def load_captioner(captioner: str | Path, model_path: Path | None = None):
     """`--captioner FOLDER` (our captioner) or `--captioner hf --model-path PATH`: a Hugging Face
     video MLLM (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision; family from its config.json) from a local
     folder, or a folder `caredpo dpo` saved (base path + LoRA adapter)."""

@@ -1,8 +1,8 @@
 """`caredpo data ...` (make and inspect data sets) and the top-level `caredpo features`."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -31,8 +31,10 @@ def twinclips(
 
 
 @app.command("info")
-def info(data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
-         format: str = typer.Option("auto", "--format", help="auto, twinclips, msrvtt, didemo, activitynet, msvd.")) -> None:
+def info(
+    data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
+    format: str = typer.Option("auto", "--format", help="auto, twinclips, msrvtt, didemo, activitynet, msvd."),
+) -> None:
     """Print the number of videos, sentences and queries per split."""
     from ..data import load_dataset
 
@@ -47,8 +49,10 @@ def info(data: Path = typer.Option(..., "--data", help="Data folder (any support
 @config_flags(features=FeatureConfig)
 def features(
     data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Features folder (default: DATA/features)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="List unreadable videos in skipped.jsonl instead of stopping."),
+    out: Path | None = typer.Option(None, "--out", help="Features folder (default: DATA/features)."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="List unreadable videos in skipped.jsonl instead of stopping."
+    ),
     format: str = typer.Option("auto", "--format", help="Data format (auto-detected by default)."),
     preset: str = PRESET,
     seed: int = SEED,

@@ -10,11 +10,11 @@ replace its fields. The reference log-probs come from the preference file (compu
 prefs` with the same SFT captioner), so only the policy is in memory. The tuned captioner is saved
 to OUT/model when training finished.
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,12 +33,17 @@ def register(root: typer.Typer) -> None:
 @config_flags(exclude=("dpo.mode",), dpo=DPOConfig)
 def dpo(
     groups: Path = typer.Option(..., "--groups", help="preference groups jsonl from `caredpo prefs`"),
-    captioner: Path = typer.Option(..., "--captioner", help="SFT captioner folder: the policy's start; "
-                                   "or `hf` for a Hugging Face video MLLM (with --model-path and --data)"),
-    features: Optional[Path] = typer.Option(None, "--features", help="features folder (FeatureStore); "
-                                            "not with --captioner hf"),
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help="--captioner hf: local HF model folder"),
-    data: Optional[Path] = typer.Option(None, "--data", help="--captioner hf: data folder (videos are decoded)"),
+    captioner: Path = typer.Option(
+        ...,
+        "--captioner",
+        help="SFT captioner folder: the policy's start; "
+        "or `hf` for a Hugging Face video MLLM (with --model-path and --data)",
+    ),
+    features: Path | None = typer.Option(
+        None, "--features", help="features folder (FeatureStore); not with --captioner hf"
+    ),
+    model_path: Path | None = typer.Option(None, "--model-path", help="--captioner hf: local HF model folder"),
+    data: Path | None = typer.Option(None, "--data", help="--captioner hf: data folder (videos are decoded)"),
     out: Path = typer.Option(..., "--out", help="output folder (checkpoint/, log.jsonl, model/)"),
     mode: str = typer.Option("dg-dpo", "--mode", help="dg-dpo | dpo (best-vs-worst pair, no video group)"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint/"),
@@ -67,7 +72,7 @@ def dpo(
         print(f"{cfg.mode}: {summary['steps']}/{summary['total_steps']} steps; metrics {summary['metrics']}")
 
 
-def _feature_fn(policy, features_dir: Optional[Path], data: Optional[Path]):
+def _feature_fn(policy, features_dir: Path | None, data: Path | None):
     """The captioner's visual input: decoded frames for an HF MLLM (--data), else the 2x2 grid
     features of each video (--features)."""
     if hasattr(policy, "frames"):

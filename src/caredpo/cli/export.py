@@ -1,12 +1,12 @@
 """`caredpo export-trl`: a finished preference stage's pairs as a `datasets` folder for trl & co.
 
-    caredpo export-trl --groups RUN/prefs/groups.jsonl --data RUN/data --out RUN/prefs/trl
-    caredpo prefs ... --export-trl RUN/prefs/trl          # the same, right after the stage
+caredpo export-trl --groups RUN/prefs/groups.jsonl --data RUN/data --out RUN/prefs/trl
+caredpo prefs ... --export-trl RUN/prefs/trl          # the same, right after the stage
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -19,7 +19,7 @@ def export_trl(
     groups: Path = typer.Option(..., "--groups", help="groups.jsonl of `caredpo prefs`"),
     data: Path = typer.Option(..., "--data", help="the data set folder the groups were made on (video paths)"),
     out: Path = typer.Option(..., "--out", help="output folder (datasets.load_from_disk reads it)"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="the captioner's instruction (default: ours)"),
+    prompt: str | None = typer.Option(None, "--prompt", help="the captioner's instruction (default: ours)"),
     pairs: str = typer.Option("all", "--pairs", help="all (every pair a margin apart) | best_worst"),
     margin: float = typer.Option(0.0, "--margin", help="reward gap a pair needs"),
     conversational: bool = typer.Option(False, "--conversational", help="user/assistant messages, not strings"),

@@ -12,6 +12,7 @@ sets them all. Field types other than int, float, str, bool (and their `| None`)
     def sft(data: Path = typer.Option(...), overrides: Overrides = NO_OVERRIDES) -> None:
         cfg = overrides.apply("sft", run_config(preset, seed).sft)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,9 @@ import textwrap
 import tokenize
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -138,8 +140,12 @@ def flags_of(section: str, cls: type, exclude: Iterable[str] = (), prefix: tuple
 
 def _option(flag: Flag) -> inspect.Parameter:
     decls = (f"{flag.names[0]}/--no-{flag.names[0][2:]}",) if flag.type is bool else flag.names
-    return inspect.Parameter(flag.param, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[flag.type],
-                             default=typer.Option(None, *decls, help=flag.help, show_default=False))
+    return inspect.Parameter(
+        flag.param,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Optional[flag.type],  # noqa: UP045  (flag.type is a runtime value)
+        default=typer.Option(None, *decls, help=flag.help, show_default=False),
+    )
 
 
 def _taken_names(params: Iterable[inspect.Parameter]) -> set[str]:
@@ -153,9 +159,13 @@ def _taken_names(params: Iterable[inspect.Parameter]) -> set[str]:
 def config_flags(exclude: Iterable[str] = (), **sections: type) -> Callable[[Callable], Callable]:
     """Decorator: add every field of each section's config class as an option to a typer command;
     the command receives them as `overrides: Overrides`. exclude: "section.field[.sub]" paths."""
+
     def decorate(fn: Callable) -> Callable:
-        flags = [fl for name, cls in sections.items()
-                 for fl in flags_of(name, cls, [e.split(".", 1)[1] for e in exclude if e.startswith(name + ".")])]
+        flags = [
+            fl
+            for name, cls in sections.items()
+            for fl in flags_of(name, cls, [e.split(".", 1)[1] for e in exclude if e.startswith(name + ".")])
+        ]
         sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.name != "overrides"]
         _check_unique(fn.__name__, _taken_names(own), flags)
@@ -172,6 +182,7 @@ def config_flags(exclude: Iterable[str] = (), **sections: type) -> Callable[[Cal
         command.__signature__ = sig.replace(parameters=own + [_option(fl) for fl in flags])
         command.flags = flags  # for tests and docs
         return command
+
     return decorate
 
 
@@ -181,6 +192,8 @@ def _check_unique(command: str, taken: set[str], flags: list[Flag]) -> None:
     for fl in flags:
         clash = [n for n in fl.names if n in seen]
         if clash:
-            raise TypeError(f"{command}: option {clash[0]} of {fl.section}.{'.'.join(fl.path)} is taken; "
-                            "exclude the field or rename it")
+            raise TypeError(
+                f"{command}: option {clash[0]} of {fl.section}.{'.'.join(fl.path)} is taken; "
+                "exclude the field or rename it"
+            )
         seen.update(fl.names)

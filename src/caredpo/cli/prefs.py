@@ -5,10 +5,10 @@
     caredpo prefs --captioner hf --model-path /models/Qwen2-VL-2B-Instruct ...   # a video MLLM (GPU)
     caredpo prefs ... --export-trl RUN/prefs/trl   # also the pairs for trl (`caredpo export-trl`)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -24,15 +24,21 @@ def register(root: typer.Typer) -> None:
 @config_flags(prefs=PrefsConfig)
 def prefs(
     data: Path = typer.Option(..., "--data", help="data set folder (TwinClips or a supported layout)"),
-    captioner: Path = typer.Option(..., "--captioner", help="SFT captioner folder (= the reference policy), "
-                                   "or `hf` for a Hugging Face video MLLM (with --model-path)"),
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help="--captioner hf: local HF model folder"),
+    captioner: Path = typer.Option(
+        ...,
+        "--captioner",
+        help="SFT captioner folder (= the reference policy), or `hf` for a Hugging Face video MLLM (with --model-path)",
+    ),
+    model_path: Path | None = typer.Option(None, "--model-path", help="--captioner hf: local HF model folder"),
     retriever: Path = typer.Option(..., "--retriever", help="trained retriever folder (model/ inside is fine)"),
     train_captions: Path = typer.Option(..., "--train-captions", help="greedy captions of training videos (jsonl)"),
     out: Path = typer.Option(..., "--out", help="output folder: groups.jsonl + prefs.json"),
-    features: Optional[Path] = typer.Option(None, "--features", help="features folder (default DATA/features)"),
-    export_trl: Optional[Path] = typer.Option(None, "--export-trl", help="also write the pairs for trl "
-                                              "(prompt/chosen/rejected, a datasets folder); see `caredpo export-trl`"),
+    features: Path | None = typer.Option(None, "--features", help="features folder (default DATA/features)"),
+    export_trl: Path | None = typer.Option(
+        None,
+        "--export-trl",
+        help="also write the pairs for trl (prompt/chosen/rejected, a datasets folder); see `caredpo export-trl`",
+    ),
     preset: str = PRESET,
     seed: int = SEED,
     overrides: Overrides = NO_OVERRIDES,
@@ -45,8 +51,16 @@ def prefs(
     dataset, store = load_data(data, features, seed)
     with dist.session():  # under torchrun: twin groups sharded over the processes, then merged
         reference = load_captioner(captioner, model_path).eval()
-        build_prefs(reference, retriever, dataset, store, out, train_captions, cfg,
-                    visual=visual_input(reference, dataset, store))
+        build_prefs(
+            reference,
+            retriever,
+            dataset,
+            store,
+            out,
+            train_captions,
+            cfg,
+            visual=visual_input(reference, dataset, store),
+        )
         main = dist.is_main()
     path = out / GROUPS_FILE
     if main:

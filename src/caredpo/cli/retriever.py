@@ -1,9 +1,9 @@
 """`caredpo retriever train` and the top-level `caredpo eval` (retrieval metrics of a caption set)."""
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,14 +18,17 @@ REFERENCE = "reference"  # --captions value: oracle reference captions (never th
 
 
 @app.command("train")
-@config_flags(exclude=("retriever.model.use_caption", "retriever.model.role_embeddings"),
-              retriever=RetrieverTrainConfig)
+@config_flags(
+    exclude=("retriever.model.use_caption", "retriever.model.role_embeddings"), retriever=RetrieverTrainConfig
+)
 def train(
     data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
-    features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
+    features: Path | None = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
     out: Path = typer.Option(..., "--out", help="Run folder: log.jsonl, checkpoint/, model/, metrics.json."),
     variant: str = typer.Option("caption_role", "--variant", help="no_caption, caption or caption_role."),
-    captions: Optional[Path] = typer.Option(None, "--captions", help="Generated captions.jsonl added to the caption draws."),
+    captions: Path | None = typer.Option(
+        None, "--captions", help="Generated captions.jsonl added to the caption draws."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint (a finished one is kept)."),
     preset: str = PRESET,
     seed: int = SEED,
@@ -54,15 +57,20 @@ def train(
 
 
 def evaluate_cmd(
-    model: Optional[Path] = typer.Option(None, "--model", help="Retriever folder (save_pretrained output, e.g. RUN/model)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Data folder (any supported layout)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="A finished `caredpo run` folder: re-evaluate every arm."),
-    features: Optional[Path] = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
+    model: Path | None = typer.Option(
+        None, "--model", help="Retriever folder (save_pretrained output, e.g. RUN/model)."
+    ),
+    data: Path | None = typer.Option(None, "--data", help="Data folder (any supported layout)."),
+    run: Path | None = typer.Option(None, "--run", help="A finished `caredpo run` folder: re-evaluate every arm."),
+    features: Path | None = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
     split: str = typer.Option("test", "--split"),
-    captions: Optional[str] = typer.Option(None, "--captions",
-                                           help="captions.jsonl (first caption per video), 'reference' (oracle), or none."),
-    queries: Optional[Path] = typer.Option(None, "--queries", help="JSON {video_id: [sentence, ...]} replacing the built-in queries."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics JSON here."),
+    captions: str | None = typer.Option(
+        None, "--captions", help="captions.jsonl (first caption per video), 'reference' (oracle), or none."
+    ),
+    queries: Path | None = typer.Option(
+        None, "--queries", help="JSON {video_id: [sentence, ...]} replacing the built-in queries."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Write the metrics JSON here."),
     seed: int = typer.Option(0, "--seed", help="Draw of the reference captions."),
     batch_size: int = typer.Option(64, "--batch-size"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
@@ -94,7 +102,7 @@ def evaluate_cmd(
         typer.echo(str(out))
 
 
-def _evaluate_run(run: Path, queries: Optional[Path], out: Optional[Path], seed: int) -> None:
+def _evaluate_run(run: Path, queries: Path | None, out: Path | None, seed: int) -> None:
     """Every caption arm x retriever of a run folder (`caredpo run`, or the stage commands writing
     its layout), on the built-in or the user's queries. seed: the oracle's draw where the folder
     has no run.json to say it."""
@@ -111,7 +119,9 @@ def _evaluate_run(run: Path, queries: Optional[Path], out: Optional[Path], seed:
         raise FileNotFoundError(f"{run}: not a finished run (no test captions {', '.join(missing)})")
     seed = run_seed(layout, seed)
     store = FeatureStore.load(layout.features)
-    dataset = with_features(run_dataset(layout.data_source(), seed, log=lambda s: None), store.ids, str(layout.features))
+    dataset = with_features(
+        run_dataset(layout.data_source(), seed, log=lambda s: None), store.ids, str(layout.features)
+    )
     q = read_queries(queries) if queries else None
     path = out or (layout.results_queries if queries else layout.results)
     arms = evaluate_run(layout, dataset, store, q, out_path=path, seed=seed)

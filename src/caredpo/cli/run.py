@@ -4,10 +4,10 @@ already on disk (`--data DIR`: MSR-VTT, DiDeMo, ActivityNet, MSVD or the plain l
     caredpo run --preset default --seed 0 --out runs/default-s0
     caredpo run --data /data/myclips --preset default --seed 0 --out runs/myclips-s0
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,8 +16,11 @@ from .flags import NO_OVERRIDES, Overrides, config_flags
 
 
 def register(root: typer.Typer) -> None:
-    root.command("run", help="Run every stage (data .. evaluation) on TwinClips or, with --data DIR, on a data set "
-                 "on disk, and print the results table.")(run)
+    root.command(
+        "run",
+        help="Run every stage (data .. evaluation) on TwinClips or, with --data DIR, on a data set "
+        "on disk, and print the results table.",
+    )(run)
     root.command("summary", help="Mean ± std over seeds of finished runs' results.")(summary)
 
 
@@ -25,14 +28,22 @@ def register(root: typer.Typer) -> None:
 def run(
     preset: str = typer.Option("default", "--preset", help="smoke | default"),
     seed: int = typer.Option(0, "--seed", help="seed of every stage"),
-    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<preset>-s<seed>)"),
-    only: Optional[str] = typer.Option(None, "--only", help="comma-separated stage names to run (others skipped)"),
-    data: Optional[Path] = typer.Option(None, "--data", help="a data set on disk instead of generated TwinClips: "
-                                        "any layout `caredpo data info` reads (README, \"Your own data\")"),
-    format: str = typer.Option("auto", "--format", help="--data layout: auto, msrvtt, didemo, activitynet, msvd, "
-                               "plain (auto: from the files present)"),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="list missing and unreadable videos in "
-                                  "features/skipped.jsonl and go on without them"),
+    out: Path | None = typer.Option(None, "--out", help="run folder (default runs/<preset>-s<seed>)"),
+    only: str | None = typer.Option(None, "--only", help="comma-separated stage names to run (others skipped)"),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="a data set on disk instead of generated TwinClips: "
+        'any layout `caredpo data info` reads (README, "Your own data")',
+    ),
+    format: str = typer.Option(
+        "auto",
+        "--format",
+        help="--data layout: auto, msrvtt, didemo, activitynet, msvd, plain (auto: from the files present)",
+    ),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="list missing and unreadable videos in features/skipped.jsonl and go on without them"
+    ),
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     from ..data import DataSource
@@ -63,5 +74,7 @@ def summary(runs: list[Path] = typer.Argument(..., help="finished run folders (o
     results = [read_json(RunLayout.load(r).results) for r in runs]
     print_summary(aggregate([r["arms"] for r in results]), f"mean ± std over {len(runs)} run(s)")
     if all(r.get("caption_factors") for r in results):
-        print_factors(aggregate_factors([r["caption_factors"] for r in results]),
-                      f"test captions stating each clip factor right (%), mean ± std over {len(runs)} run(s)")
+        print_factors(
+            aggregate_factors([r["caption_factors"] for r in results]),
+            f"test captions stating each clip factor right (%), mean ± std over {len(runs)} run(s)",
+        )

@@ -4,11 +4,12 @@ a `Dataset`.
 The format is detected from the files present (see `MARKERS`) or named explicitly. TwinClips is
 loaded by `caredpo.data.twinclips` (imported lazily: it pulls in the generator).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from ..records import DataError, Dataset
 from . import loaders
@@ -62,8 +63,9 @@ def load_dataset(path: str | Path, format: str = "auto", columns: PlainColumns |
     if name not in LOADERS:
         raise DataError(f"{path}: unknown data format {name!r}; choose from auto, {', '.join(LOADERS)}")
     if columns is not None and name != "plain":
-        raise DataError(f"{path}: column names are options of the plain layout ({' / '.join(loaders.PLAIN_FILES)}), "
-                        f"not of {name}")
+        raise DataError(
+            f"{path}: column names are options of the plain layout ({' / '.join(loaders.PLAIN_FILES)}), not of {name}"
+        )
     return loaders.load_plain(root, columns) if columns is not None else LOADERS[name](root)
 
 
@@ -79,11 +81,14 @@ class DataSource:
         return load_dataset(self.path, self.format, self.columns)
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "format": self.format,
-                "columns": asdict(self.columns) if self.columns else None}
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "columns": asdict(self.columns) if self.columns else None,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataSource":
+    def from_dict(cls, d: dict) -> DataSource:
         columns = PlainColumns(**d["columns"]) if d.get("columns") else None
         return cls(Path(d["path"]), d.get("format", "auto"), columns)
 

@@ -8,19 +8,32 @@
 Sentences are lower case without a final period, like MSR-VTT captions. Every choice draws from the
 numpy Generator passed in, so sentences are deterministic by seed.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 COLOUR_WORDS = {
-    "red": ["red"], "green": ["green"], "blue": ["blue"], "yellow": ["yellow"],
-    "orange": ["orange"], "purple": ["purple", "violet"], "white": ["white"],
-    "black": ["black"], "pink": ["pink"], "cyan": ["cyan", "turquoise"],
+    "red": ["red"],
+    "green": ["green"],
+    "blue": ["blue"],
+    "yellow": ["yellow"],
+    "orange": ["orange"],
+    "purple": ["purple", "violet"],
+    "white": ["white"],
+    "black": ["black"],
+    "pink": ["pink"],
+    "cyan": ["cyan", "turquoise"],
 }
 SHAPE_WORDS = {
-    "circle": ["circle", "disc", "ball"], "square": ["square", "box", "block"],
-    "triangle": ["triangle"], "star": ["star"], "diamond": ["diamond", "rhombus"],
-    "hexagon": ["hexagon"], "cross": ["cross", "plus sign"], "ring": ["ring", "hoop"],
+    "circle": ["circle", "disc", "ball"],
+    "square": ["square", "box", "block"],
+    "triangle": ["triangle"],
+    "star": ["star"],
+    "diamond": ["diamond", "rhombus"],
+    "hexagon": ["hexagon"],
+    "cross": ["cross", "plus sign"],
+    "ring": ["ring", "hoop"],
 }
 SIZE_WORDS = {"small": ["small", "little", "tiny"], "large": ["large", "big"]}
 BACKGROUND_WORDS = {
@@ -39,10 +52,18 @@ SPEED_WORDS = {"fast": ["quickly", "rapidly", "swiftly"], "slow": ["slowly", "ge
 
 # direction of motion -> verb phrases (specific: they tell twins apart)
 MOTION_SPECIFIC = {
-    "left-to-right": ["moves from left to right", "slides to the right", "glides rightward",
-                      "travels from the left side to the right side"],
-    "right-to-left": ["moves from right to left", "slides to the left", "glides leftward",
-                      "travels from the right side to the left side"],
+    "left-to-right": [
+        "moves from left to right",
+        "slides to the right",
+        "glides rightward",
+        "travels from the left side to the right side",
+    ],
+    "right-to-left": [
+        "moves from right to left",
+        "slides to the left",
+        "glides leftward",
+        "travels from the right side to the left side",
+    ],
     "up": ["moves up", "rises", "slides upward", "travels from the bottom to the top"],
     "down": ["moves down", "falls", "slides downward", "travels from the top to the bottom"],
     "down-right": ["moves diagonally down to the right", "slides from the top left to the bottom right"],
@@ -50,15 +71,22 @@ MOTION_SPECIFIC = {
     "up-right": ["moves diagonally up to the right", "slides from the bottom left to the top right"],
     "down-left": ["moves diagonally down to the left", "slides from the top right to the bottom left"],
     "clockwise": ["circles clockwise", "moves in a clockwise circle", "goes around clockwise"],
-    "anticlockwise": ["circles anticlockwise", "moves in a counterclockwise circle",
-                      "goes around counterclockwise"],
+    "anticlockwise": ["circles anticlockwise", "moves in a counterclockwise circle", "goes around counterclockwise"],
     "still": ["stays still", "sits still", "does not move", "stays in one place"],
 }
 # direction -> kind of motion (medium: shared by the twins of a group)
 AXIS_OF = {
-    "left-to-right": "horizontal", "right-to-left": "horizontal", "up": "vertical",
-    "down": "vertical", "down-right": "diagonal", "up-left": "diagonal", "up-right": "diagonal",
-    "down-left": "diagonal", "clockwise": "circle", "anticlockwise": "circle", "still": "still",
+    "left-to-right": "horizontal",
+    "right-to-left": "horizontal",
+    "up": "vertical",
+    "down": "vertical",
+    "down-right": "diagonal",
+    "up-left": "diagonal",
+    "up-right": "diagonal",
+    "down-left": "diagonal",
+    "clockwise": "circle",
+    "anticlockwise": "circle",
+    "still": "still",
 }
 MOTION_MEDIUM = {
     "horizontal": ["moves across", "moves sideways", "moves horizontally"],
@@ -70,16 +98,21 @@ MOTION_MEDIUM = {
 
 # event -> verb phrases of the main object ({to}, {from}, {colour}, {second}, {side} filled in)
 EVENT_SPECIFIC = {
-    "colour_change": ["turns {to} halfway", "changes from {from} to {to} halfway through",
-                      "becomes {to} in the middle", "switches to {to} midway"],
+    "colour_change": [
+        "turns {to} halfway",
+        "changes from {from} to {to} halfway through",
+        "becomes {to} in the middle",
+        "switches to {to} midway",
+    ],
     "grow": ["grows bigger halfway", "gets larger in the middle", "expands halfway through"],
     "shrink": ["shrinks halfway", "gets smaller in the middle", "shrinks halfway through"],
     "vanish": ["disappears halfway", "vanishes midway", "disappears in the middle"],
     "appear": ["appears halfway", "shows up midway", "only appears in the middle"],
-    "enter": ["is joined by {second} coming in from the {side} halfway",
-              "sees {second} enter from the {side} in the second half"],
-    "leave": ["is left alone when {second} leaves to the {side}",
-              "sees {second} exit to the {side} in the first half"],
+    "enter": [
+        "is joined by {second} coming in from the {side} halfway",
+        "sees {second} enter from the {side} in the second half",
+    ],
+    "leave": ["is left alone when {second} leaves to the {side}", "sees {second} exit to the {side} in the first half"],
     "hop": ["bounces", "hops", "jumps up"],
     "blink": ["blinks", "briefly disappears", "flickers out"],
     "flash": ["flashes {colour}", "briefly turns {colour}", "glows {colour} for a moment"],
@@ -89,9 +122,12 @@ ORDER = ["{x} and then {y}", "first {x}, then {y}", "{x} before it {y}", "{x}, a
 # event -> phrases that name the kind of event only (medium: shared by the twins)
 EVENT_MEDIUM = {
     "colour_change": ["changes colour", "changes its colour"],
-    "grow": ["changes size", "changes its size"], "shrink": ["changes size", "changes its size"],
-    "vanish": ["is only visible part of the time"], "appear": ["is only visible part of the time"],
-    "enter": ["shares the scene with {second}"], "leave": ["shares the scene with {second}"],
+    "grow": ["changes size", "changes its size"],
+    "shrink": ["changes size", "changes its size"],
+    "vanish": ["is only visible part of the time"],
+    "appear": ["is only visible part of the time"],
+    "enter": ["shares the scene with {second}"],
+    "leave": ["shares the scene with {second}"],
 }
 BRIEF = {"hop", "blink", "flash", "pulse"}
 SPLIT = {"generic": 0.25, "specific": 0.375}  # fraction of sentences; medium gets the rest
@@ -111,7 +147,7 @@ def _colours(f: dict) -> list[str]:
 
 
 def _object(rng, f: dict, colour: str, size: bool) -> str:
-    words = ([_one(rng, SIZE_WORDS[f["size"]])] if size else [])
+    words = [_one(rng, SIZE_WORDS[f["size"]])] if size else []
     words += [_one(rng, COLOUR_WORDS[colour]), _one(rng, SHAPE_WORDS[f["shape"]])]
     return _article(" ".join(words))
 
@@ -121,8 +157,7 @@ def _second(rng, e: dict) -> str:
 
 
 def _fill(rng, template: str, e: dict) -> str:
-    slots = {"to": e.get("to"), "from": e.get("from"), "colour": e.get("colour"),
-             "side": e.get("side")}
+    slots = {"to": e.get("to"), "from": e.get("from"), "colour": e.get("colour"), "side": e.get("side")}
     slots = {k: _one(rng, COLOUR_WORDS[v]) if v in COLOUR_WORDS else v for k, v in slots.items()}
     if "{second}" in template:
         slots["second"] = _second(rng, e)
@@ -138,15 +173,13 @@ def generic(rng, f: dict) -> str:
     """Appearance only."""
     obj = _object(rng, f, _one(rng, _colours(f)), size=bool(rng.random() < 0.5))
     bg = _bg(rng, f, moving=False)
-    templates = ["{obj} {bg}", "there is {obj} {bg}", "{obj} can be seen {bg}",
-                 "a video of {obj} {bg}"]
+    templates = ["{obj} {bg}", "there is {obj} {bg}", "{obj} can be seen {bg}", "a video of {obj} {bg}"]
     return _one(rng, templates).format(obj=obj, bg=bg)
 
 
 def _event_units(rng, f: dict, table: dict) -> list[str]:
     """Verb phrases for the clip's events: one per lasting event, one for the brief pair."""
-    units = [_fill(rng, _one(rng, table[e["type"]]), e) for e in f["events"]
-             if e["type"] not in BRIEF]
+    units = [_fill(rng, _one(rng, table[e["type"]]), e) for e in f["events"] if e["type"] not in BRIEF]
     brief = [e for e in f["events"] if e["type"] in BRIEF]
     if brief and table is EVENT_SPECIFIC:
         x, y = (_fill(rng, _one(rng, EVENT_SPECIFIC[e["type"]]), e) for e in brief)

@@ -18,13 +18,15 @@ File formats follow the CLIP4Clip data releases (the de-facto standard for text-
 Videos are found anywhere under the data root by file name (`<id>.mp4`, `.webm`, `.avi`, ...).
 A video without a file is kept (decoding reports it; `--skip-bad` skips it).
 """
+
 from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..io import read_json
 from ..records import DataError, Dataset, Sentence, Video
@@ -133,8 +135,12 @@ def _msrvtt_captions(entries: Any, path: Path) -> dict[str, list[str]]:
 # ----------------------------------------------------------------------------- paragraph retrieval
 
 
-def _paragraph_dataset(root: Path, name: str, per_split: dict[str, dict[str, list[str]]],
-                       aliases: Callable[[str], tuple[str, ...]] = lambda v: ()) -> Dataset:
+def _paragraph_dataset(
+    root: Path,
+    name: str,
+    per_split: dict[str, dict[str, list[str]]],
+    aliases: Callable[[str], tuple[str, ...]] = lambda v: (),
+) -> Dataset:
     """Videos with their sentences; the query of an evaluation video is its sentences joined."""
     index = _index_videos(root)
     videos, sentences, queries = [], [], {}
@@ -219,7 +225,9 @@ def load_msvd(root: str | Path) -> Dataset:
     for split, ids in lists.items():
         for vid in ids or []:
             if vid not in captions:
-                raise DataError(f"{root / f'{split}_list.txt'}: video {vid!r} has no captions in AllVideoDescriptions.txt")
+                raise DataError(
+                    f"{root / f'{split}_list.txt'}: video {vid!r} has no captions in AllVideoDescriptions.txt"
+                )
             videos.append(Video(vid, _video_path(index, vid), split))
     sentences = [Sentence(v.id, t) for v in videos for t in captions[v.id]]
     return Dataset(root, videos, sentences, {}, name="msvd")
@@ -293,8 +301,9 @@ def _csv_rows(path: Path, columns: PlainColumns) -> list[tuple[str, dict]]:
         reader = csv.DictReader(f, delimiter=columns.separator)
         missing = [c for c in (columns.video_column, columns.caption_column) if c not in (reader.fieldnames or [])]
         if missing:
-            raise DataError(f"{path}: missing column(s) {missing} (header: {reader.fieldnames}); "
-                            "name yours with the column options")
+            raise DataError(
+                f"{path}: missing column(s) {missing} (header: {reader.fieldnames}); name yours with the column options"
+            )
         return [(f"{path}: line {reader.line_num}", row) for row in reader]
 
 

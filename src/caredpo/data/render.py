@@ -5,6 +5,7 @@ stored in annotations.json), so anyone can re-render a clip from its annotation.
 fractions of the frame side, x to the right and y *down* (image convention), so a positive arc
 sweep is clockwise on screen. Time is u = i / (T - 1) in [0, 1].
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -116,17 +117,37 @@ def _tiles(rng, s):
 
 
 BACKGROUNDS = {
-    "grass": _grass, "sand": _sand, "water": _water, "brick": _brick,
-    "snow": _snow, "wood": _wood, "asphalt": _asphalt, "tiles": _tiles,
+    "grass": _grass,
+    "sand": _sand,
+    "water": _water,
+    "brick": _brick,
+    "snow": _snow,
+    "wood": _wood,
+    "asphalt": _asphalt,
+    "tiles": _tiles,
 }
 # colour pairs too alike to tell apart in a colour change, a flash or a second object
-SIMILAR = {frozenset(p) for p in (("blue", "cyan"), ("red", "pink"), ("red", "orange"),
-                                  ("orange", "yellow"), ("blue", "purple"), ("pink", "purple"))}
+SIMILAR = {
+    frozenset(p)
+    for p in (
+        ("blue", "cyan"),
+        ("red", "pink"),
+        ("red", "orange"),
+        ("orange", "yellow"),
+        ("blue", "purple"),
+        ("pink", "purple"),
+    )
+}
 # object colours that would blend into a background
 CLASHES = {
-    "grass": {"green"}, "sand": {"yellow", "orange"}, "water": {"blue", "cyan"},
-    "brick": {"red", "orange"}, "snow": {"white"}, "wood": {"orange"},
-    "asphalt": {"black"}, "tiles": {"white"},
+    "grass": {"green"},
+    "sand": {"yellow", "orange"},
+    "water": {"blue", "cyan"},
+    "brick": {"red", "orange"},
+    "snow": {"white"},
+    "wood": {"orange"},
+    "asphalt": {"black"},
+    "tiles": {"white"},
 }
 
 
@@ -181,8 +202,16 @@ def composite(img, cx, cy, radius, alpha, fill, shape: str, size: int) -> np.nda
     the object's bounding box is touched, which keeps a 128 px clip at a few milliseconds.
     """
     for t in np.flatnonzero(alpha > 0):
-        _draw(img[t], float(cx[t]) * size, float(cy[t]) * size, float(radius[t]) * size,
-              float(alpha[t]), np.asarray(fill[t], np.float32), shape, size)
+        _draw(
+            img[t],
+            float(cx[t]) * size,
+            float(cy[t]) * size,
+            float(radius[t]) * size,
+            float(alpha[t]),
+            np.asarray(fill[t], np.float32),
+            shape,
+            size,
+        )
     return img
 
 
@@ -245,8 +274,13 @@ def _inside(e, u):
 def main_state(factors: dict, u: np.ndarray) -> dict[str, np.ndarray]:
     """Per-frame state of the main object: cx, cy, scale, alpha [T] and fill [T, 3]."""
     cx, cy = path_positions(factors["path"], u)
-    st = {"cx": cx, "cy": cy, "scale": np.ones_like(u), "alpha": np.ones_like(u),
-          "fill": np.tile(np.asarray(COLOURS[factors["colour"]], np.float32), (len(u), 1))}
+    st = {
+        "cx": cx,
+        "cy": cy,
+        "scale": np.ones_like(u),
+        "alpha": np.ones_like(u),
+        "fill": np.tile(np.asarray(COLOURS[factors["colour"]], np.float32), (len(u), 1)),
+    }
     for e in factors["events"]:
         EVENTS.get(e["type"], lambda st, e, u: None)(st, e, u)
     return st
@@ -286,10 +320,15 @@ def _pulse(st, e, u):
 
 
 EVENTS = {
-    "colour_change": _colour_change, "grow": _grow,
+    "colour_change": _colour_change,
+    "grow": _grow,
     "shrink": lambda st, e, u: _grow(st, e, u, GROW, 1.0),
-    "vanish": _vanish, "appear": _appear, "hop": _hop, "blink": _blink,
-    "flash": _flash, "pulse": _pulse,
+    "vanish": _vanish,
+    "appear": _appear,
+    "hop": _hop,
+    "blink": _blink,
+    "flash": _flash,
+    "pulse": _pulse,
 }  # "enter" / "leave" move the second object: see second_state
 
 

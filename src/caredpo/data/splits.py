@@ -16,11 +16,12 @@ so they all see the same splits and queries:
 
 TwinClips already has both splits and one query per test clip: `prepare` returns it unchanged.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Iterable
 
 from ..records import DataError, Dataset
 
@@ -34,14 +35,18 @@ def prepare(dataset: Dataset, seed: int) -> tuple[Dataset, list[str]]:
     notes: list[str] = []
     if not dataset.split("test"):
         dataset = hold_out_test(dataset, seed)
-        notes.append(f"{dataset.name}: no test split; held out {len(dataset.split('test'))} of "
-                     f"{len(dataset.videos)} videos as test (seed {seed}, {TEST_FRACTION:.0%})")
+        notes.append(
+            f"{dataset.name}: no test split; held out {len(dataset.split('test'))} of "
+            f"{len(dataset.videos)} videos as test (seed {seed}, {TEST_FRACTION:.0%})"
+        )
     missing = [v.id for v in dataset.split("test") if not dataset.queries.get(v.id)]
     if missing:
         queries = {**dataset.queries, **{v: dataset.sentences_of(v)[:1] for v in missing}}
         dataset = Dataset(dataset.root, dataset.videos, dataset.sentences, queries, dataset.name)
-        notes.append(f"{dataset.name}: {len(missing)} test videos without listed queries: the first sentence "
-                     "of each is its query, the others the oracle's captions")
+        notes.append(
+            f"{dataset.name}: {len(missing)} test videos without listed queries: the first sentence "
+            "of each is its query, the others the oracle's captions"
+        )
     return dataset, notes
 
 
@@ -49,8 +54,10 @@ def hold_out_test(dataset: Dataset, seed: int) -> Dataset:
     """The data set with a seeded TEST_FRACTION of its training units moved to the test split."""
     units = dataset.units(v.id for v in dataset.split("train"))
     if len(units) < 2:
-        raise DataError(f"{dataset.root}: split 'test' has no videos, and {len(units)} training videos "
-                        "cannot be split into train and test")
+        raise DataError(
+            f"{dataset.root}: split 'test' has no videos, and {len(units)} training videos "
+            "cannot be split into train and test"
+        )
     order = list(range(len(units)))
     random.Random(f"holdout-{seed}").shuffle(order)
     want = max(1, round(TEST_FRACTION * sum(map(len, units))))
@@ -78,10 +85,17 @@ def with_features(dataset: Dataset, ids: Iterable[str], features: str = "feature
     if have >= set(dataset.by_id):
         return dataset
     videos = [v for v in dataset.videos if v.id in have]
-    kept = Dataset(dataset.root, videos, [s for s in dataset.sentences if s.video_id in have],
-                   {v: q for v, q in dataset.queries.items() if v in have}, dataset.name)
+    kept = Dataset(
+        dataset.root,
+        videos,
+        [s for s in dataset.sentences if s.video_id in have],
+        {v: q for v, q in dataset.queries.items() if v in have},
+        dataset.name,
+    )
     for split in RUN_SPLITS:
         if not kept.split(split):
-            raise DataError(f"{dataset.root}: split {split!r} has no videos with features "
-                            f"(every one was skipped: see {features}/skipped.jsonl)")
+            raise DataError(
+                f"{dataset.root}: split {split!r} has no videos with features "
+                f"(every one was skipped: see {features}/skipped.jsonl)"
+            )
     return kept

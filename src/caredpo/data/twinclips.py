@@ -17,6 +17,7 @@ is nearly identical: a mean over frames cannot tell them apart, their order can.
     generate_twinclips(TwinClipsConfig.preset("smoke"), Path("data/tc"))  # writes mp4s + json
     ds = load_twinclips("data/tc")                                        # -> records.Dataset
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,8 +70,8 @@ class TwinClipsConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     @classmethod
-    def preset(cls, name: str, seed: int = 0) -> "TwinClipsConfig":
-        """"smoke": 6 + 3 groups (36 clips, 64 px) for tests; "default": 200 + 50 groups."""
+    def preset(cls, name: str, seed: int = 0) -> TwinClipsConfig:
+        """ "smoke": 6 + 3 groups (36 clips, 64 px) for tests; "default": 200 + 50 groups."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(seed=seed, **PRESETS[name])
@@ -129,8 +130,7 @@ def _motion_track(rng, size_name: str, scale_max: float, hop: bool) -> list[dict
 
 
 def _line_variant(motion, start, end, speed):
-    path = {"kind": "line", "start": [round(float(v), 4) for v in start],
-            "end": [round(float(v), 4) for v in end]}
+    path = {"kind": "line", "start": [round(float(v), 4) for v in start], "end": [round(float(v), 4) for v in end]}
     return {"motion": motion, "speed": speed, "path": path}
 
 
@@ -142,8 +142,13 @@ def _circle_track(rng, side, top, bottom, speed) -> list[dict]:
     centre = [0.5, round(float(cy), 4)]
 
     def variant(motion, start, sw):
-        path = {"kind": "arc", "centre": centre, "radius": radius,
-                "start_angle": round(start, 4), "sweep": round(sw, 4)}
+        path = {
+            "kind": "arc",
+            "centre": centre,
+            "radius": radius,
+            "start_angle": round(start, 4),
+            "sweep": round(sw, 4),
+        }
         return {"motion": motion, "speed": speed, "path": path}
 
     return [variant("clockwise", a0, sweep), variant("anticlockwise", a0 + sweep, -sweep)]
@@ -151,8 +156,10 @@ def _circle_track(rng, side, top, bottom, speed) -> list[dict]:
 
 def _colours_for(background: str, exclude=()) -> list[str]:
     """Colours that stand out on `background` and differ clearly from those in `exclude`."""
+
     def alike(c):
         return c in exclude or any(frozenset((c, x)) in render.SIMILAR for x in exclude)
+
     return [c for c in render.COLOURS if c not in render.CLASHES[background] and not alike(c)]
 
 
@@ -177,8 +184,10 @@ def _enter_track(rng, base: dict) -> list[dict]:
     rest = [_pick(rng, (0.2, 0.8)), _pick(rng, (0.2, 0.8))]
     side = "left" if rest[0] < 0.5 else "right"
     second = {"shape": shape, "colour": colour, "rest": rest, "side": side}
-    return [{"events": [{"type": "enter", "start": 0.5, "end": 0.8, **second}]},
-            {"events": [{"type": "leave", "start": 0.2, "end": 0.5, **second}]}]
+    return [
+        {"events": [{"type": "enter", "start": 0.5, "end": 0.8, **second}]},
+        {"events": [{"type": "leave", "start": 0.2, "end": 0.5, **second}]},
+    ]
 
 
 def _brief_track(rng, base: dict, pair: tuple[str, str]) -> list[dict]:
@@ -190,8 +199,10 @@ def _brief_track(rng, base: dict, pair: tuple[str, str]) -> list[dict]:
         return {**e, "colour": flash} if t == "flash" else e
 
     x, y = pair
-    return [{"events": [event(x, WINDOWS[0]), event(y, WINDOWS[1])]},
-            {"events": [event(y, WINDOWS[0]), event(x, WINDOWS[1])]}]
+    return [
+        {"events": [event(x, WINDOWS[0]), event(y, WINDOWS[1])]},
+        {"events": [event(y, WINDOWS[0]), event(x, WINDOWS[1])]},
+    ]
 
 
 def _tracks_reverse(rng, base):
@@ -225,9 +236,14 @@ def _event_time(e: dict) -> float:
 def plan_group(rng: np.random.Generator) -> list[dict]:
     """The factors of one twin group: 4 dicts, shared appearance, different time courses."""
     background = _pick(rng, list(render.BACKGROUNDS))
-    base = {"background": background, "background_seed": int(rng.integers(2**31)),
-            "shape": _pick(rng, list(render.SHAPES)), "size": _pick(rng, list(render.SIZES)),
-            "colour": _pick(rng, _colours_for(background)), "kind": _pick(rng, KIND_P)}
+    base = {
+        "background": background,
+        "background_seed": int(rng.integers(2**31)),
+        "shape": _pick(rng, list(render.SHAPES)),
+        "size": _pick(rng, list(render.SIZES)),
+        "colour": _pick(rng, _colours_for(background)),
+        "kind": _pick(rng, KIND_P),
+    }
     track_a, track_b = KINDS[base["kind"]](rng, base)
     twins = []
     for a in track_a:
@@ -258,8 +274,15 @@ def plan_sentences(config: TwinClipsConfig, plans: list[ClipPlan]) -> list[dict]
         sentences = describe(p.factors, rng, config.sentences_per_clip)
         query_at = next(j for j, (_, spec) in enumerate(sentences) if spec == "specific")
         for j, (text, spec) in enumerate(sentences):
-            rows.append({"sen_id": len(rows), "video_id": p.video_id, "caption": text,
-                         "specificity": spec, "query": p.split == "test" and j == query_at})
+            rows.append(
+                {
+                    "sen_id": len(rows),
+                    "video_id": p.video_id,
+                    "caption": text,
+                    "specificity": spec,
+                    "query": p.split == "test" and j == query_at,
+                }
+            )
     return rows
 
 
@@ -268,8 +291,14 @@ def plan_sentences(config: TwinClipsConfig, plans: list[ClipPlan]) -> list[dict]
 
 def clip_hash(config: TwinClipsConfig, factors: dict) -> str:
     """Identifies what a clip file must contain; stored in the mp4's comment tag for resuming."""
-    spec = {"v": VERSION, "factors": factors, "frames": config.frames, "size": config.size,
-            "fps": config.fps, "x264": render.X264_OPTIONS}
+    spec = {
+        "v": VERSION,
+        "factors": factors,
+        "frames": config.frames,
+        "size": config.size,
+        "fps": config.fps,
+        "x264": render.X264_OPTIONS,
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -301,17 +330,29 @@ def write_clip(config: TwinClipsConfig, plan: ClipPlan, out: Path) -> bool:
 
 def annotations(config: TwinClipsConfig, plans: list[ClipPlan]) -> dict:
     """The MSR-VTT-shaped annotation object (plus group, factors, specificity, query)."""
-    videos = [{"id": i, "video_id": p.video_id, "video": f"videos/{p.video_id}.mp4",
-               "split": p.split, "group": p.group, "factors": p.factors}
-              for i, p in enumerate(plans)]
-    info = {"generator": GENERATOR, "version": VERSION, "seed": config.seed,
-            "config": asdict(config), "description": "TwinClips: twin groups of 4 clips sharing "
-            "appearance and differing in motion direction, events and event order"}
+    videos = [
+        {
+            "id": i,
+            "video_id": p.video_id,
+            "video": f"videos/{p.video_id}.mp4",
+            "split": p.split,
+            "group": p.group,
+            "factors": p.factors,
+        }
+        for i, p in enumerate(plans)
+    ]
+    info = {
+        "generator": GENERATOR,
+        "version": VERSION,
+        "seed": config.seed,
+        "config": asdict(config),
+        "description": "TwinClips: twin groups of 4 clips sharing "
+        "appearance and differing in motion direction, events and event order",
+    }
     return {"info": info, "videos": videos, "sentences": plan_sentences(config, plans)}
 
 
-def generate_twinclips(config: TwinClipsConfig, out: Path, progress: bool = True,
-                       workers: int = 1) -> Path:
+def generate_twinclips(config: TwinClipsConfig, out: Path, progress: bool = True, workers: int = 1) -> Path:
     """Write out/videos/<id>.mp4 and out/annotations.json (last, atomically); returns out.
 
     Resumable: a clip whose file exists, reads, and carries this clip's hash is not redone.
@@ -360,10 +401,10 @@ def load_twinclips(path: str | Path) -> Dataset:
     file = path / "annotations.json" if path.is_dir() else path
     ann = read_json(file)
     try:
-        videos = [Video(v["video_id"], v["video"], v["split"], v.get("group"), v.get("factors", {}))
-                  for v in ann["videos"]]
-        sentences = [Sentence(s["video_id"], s["caption"], s.get("specificity"))
-                     for s in ann["sentences"]]
+        videos = [
+            Video(v["video_id"], v["video"], v["split"], v.get("group"), v.get("factors", {})) for v in ann["videos"]
+        ]
+        sentences = [Sentence(s["video_id"], s["caption"], s.get("specificity")) for s in ann["sentences"]]
         queries: dict[str, list[str]] = {}
         for s in ann["sentences"]:
             if s.get("query"):

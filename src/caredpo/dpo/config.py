@@ -1,5 +1,6 @@
 """DG-DPO training settings (`DPOConfig`), apart from the trainer so the batch code and the CLI read
 them without importing the training loop."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,8 +10,21 @@ from .loss import PAIR_MODES
 # mode -> the fields it fixes. "dpo" is the plain-DPO baseline arm: best-vs-worst pair, no video group.
 MODES = {"dg-dpo": {}, "dpo": {"lambda_video": 0.0, "pairs": "best_worst"}}
 # fields that change the maths: a resumed run must keep them (the checkpoint's resume guard)
-RESUME_FIXED = ("mode", "beta", "lambda_video", "lambda_nll", "margin", "pairs", "lr", "weight_decay",
-                "warmup_steps", "groups_per_batch", "grad_clip", "seed", "dropout")
+RESUME_FIXED = (
+    "mode",
+    "beta",
+    "lambda_video",
+    "lambda_nll",
+    "margin",
+    "pairs",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "groups_per_batch",
+    "grad_clip",
+    "seed",
+    "dropout",
+)
 
 
 @dataclass(frozen=True)
@@ -40,23 +54,31 @@ class DPOConfig:
                 raise ValueError(f"DPOConfig.{name} must be {want}, got {getattr(self, name)!r}")
         for name, value in MODES[self.mode].items():
             if getattr(self, name) != value:
-                raise ValueError(f"DPOConfig(mode={self.mode!r}) needs {name}={value!r}, got "
-                                 f"{getattr(self, name)!r}; use DPOConfig.for_mode({self.mode!r}, ...)")
+                raise ValueError(
+                    f"DPOConfig(mode={self.mode!r}) needs {name}={value!r}, got "
+                    f"{getattr(self, name)!r}; use DPOConfig.for_mode({self.mode!r}, ...)"
+                )
 
     def _checks(self) -> dict[str, tuple[bool, str]]:
         return {
             "mode": (self.mode in MODES, f"one of {sorted(MODES)}"),
             "pairs": (self.pairs in PAIR_MODES, f"one of {PAIR_MODES}"),
-            "beta": (self.beta > 0, "> 0"), "lr": (self.lr > 0, "> 0"),
-            "lambda_video": (self.lambda_video >= 0, ">= 0"), "lambda_nll": (self.lambda_nll >= 0, ">= 0"),
-            "margin": (self.margin >= 0, ">= 0"), "weight_decay": (self.weight_decay >= 0, ">= 0"),
-            "warmup_steps": (self.warmup_steps >= 0, ">= 0"), "epochs": (self.epochs >= 1, ">= 1"),
-            "max_steps": (self.max_steps >= 0, ">= 0"), "groups_per_batch": (self.groups_per_batch >= 1, ">= 1"),
-            "grad_clip": (self.grad_clip >= 0, ">= 0"), "save_every": (self.save_every >= 0, ">= 0"),
+            "beta": (self.beta > 0, "> 0"),
+            "lr": (self.lr > 0, "> 0"),
+            "lambda_video": (self.lambda_video >= 0, ">= 0"),
+            "lambda_nll": (self.lambda_nll >= 0, ">= 0"),
+            "margin": (self.margin >= 0, ">= 0"),
+            "weight_decay": (self.weight_decay >= 0, ">= 0"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
+            "epochs": (self.epochs >= 1, ">= 1"),
+            "max_steps": (self.max_steps >= 0, ">= 0"),
+            "groups_per_batch": (self.groups_per_batch >= 1, ">= 1"),
+            "grad_clip": (self.grad_clip >= 0, ">= 0"),
+            "save_every": (self.save_every >= 0, ">= 0"),
         }
 
     @classmethod
-    def for_mode(cls, mode: str, **overrides) -> "DPOConfig":
+    def for_mode(cls, mode: str, **overrides) -> DPOConfig:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
         return cls(mode=mode, **{**MODES[mode], **overrides})

@@ -20,16 +20,17 @@ columns (those hold a text-only reference's log-probs; trl computes them itself)
 group (the best caption under its own video vs its twins) has no place in a prompt / chosen /
 rejected row and is not exported: a tool trained on these rows runs plain DPO over caption pairs.
 """
+
 from __future__ import annotations
 
 import contextlib
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 
-from ..records import Dataset, DataError
+from ..records import DataError, Dataset
 from .loss import pair_mask
 from .train import load_groups
 
@@ -42,18 +43,25 @@ def pair_indices(rewards: list[float], margin: float = 0.0, pairs: str = "all") 
     return [(int(w), int(lo)) for w, lo in mask.nonzero().tolist()]
 
 
-def pair_rows(row: Mapping, dataset: Dataset, prompt: str, margin: float = 0.0, pairs: str = "all",
-              conversational: bool = False) -> Iterator[dict]:
+def pair_rows(
+    row: Mapping, dataset: Dataset, prompt: str, margin: float = 0.0, pairs: str = "all", conversational: bool = False
+) -> Iterator[dict]:
     """The export rows of one preference-group row (a video and its K rewarded captions)."""
     vid = row["video_id"]
     if vid not in dataset.by_id:
         raise DataError(f"{dataset.root}: preference row names unknown video {vid!r}")
     caps, rewards, ref = row["captions"], row["rewards"], row["ref_logps"]
     for w, lo in pair_indices(rewards, margin, pairs):
-        yield {**_texts(prompt, caps[w], caps[lo], conversational),
-               "video_id": vid, "video_path": str(dataset.video_path(dataset.by_id[vid])),
-               "group": row.get("group"), "chosen_reward": float(rewards[w]), "rejected_reward": float(rewards[lo]),
-               "chosen_ref_logp": float(ref[w]), "rejected_ref_logp": float(ref[lo])}
+        yield {
+            **_texts(prompt, caps[w], caps[lo], conversational),
+            "video_id": vid,
+            "video_path": str(dataset.video_path(dataset.by_id[vid])),
+            "group": row.get("group"),
+            "chosen_reward": float(rewards[w]),
+            "rejected_reward": float(rewards[lo]),
+            "chosen_ref_logp": float(ref[w]),
+            "rejected_ref_logp": float(ref[lo]),
+        }
 
 
 def _texts(prompt: str, chosen: str, rejected: str, conversational: bool) -> dict:
@@ -62,12 +70,18 @@ def _texts(prompt: str, chosen: str, rejected: str, conversational: bool) -> dic
         # "\n" ends the prompt as in the captioner's plain format, so a caption starts a new line
         return {"prompt": prompt + "\n", "chosen": chosen, "rejected": rejected}
     say = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
-    return {"prompt": say("user", prompt), "chosen": say("assistant", chosen),
-            "rejected": say("assistant", rejected)}
+    return {"prompt": say("user", prompt), "chosen": say("assistant", chosen), "rejected": say("assistant", rejected)}
 
 
-def export_pairs(groups: str | Path, dataset: Dataset, out_dir: str | Path, prompt: str | None = None,
-                 margin: float = 0.0, pairs: str = "all", conversational: bool = False) -> Path:
+def export_pairs(
+    groups: str | Path,
+    dataset: Dataset,
+    out_dir: str | Path,
+    prompt: str | None = None,
+    margin: float = 0.0,
+    pairs: str = "all",
+    conversational: bool = False,
+) -> Path:
     """Write the pairs of a groups.jsonl as a `datasets` folder (`save_to_disk`); returns out_dir.
 
     prompt: the captioner's instruction (default: `CaptionerConfig.prompt`, what our captioner and
@@ -78,8 +92,7 @@ def export_pairs(groups: str | Path, dataset: Dataset, out_dir: str | Path, prom
     from ..captioner.model import CaptionerConfig
 
     prompt = CaptionerConfig().prompt if prompt is None else prompt
-    rows = [r for row in load_groups(groups)
-            for r in pair_rows(row, dataset, prompt, margin, pairs, conversational)]
+    rows = [r for row in load_groups(groups) for r in pair_rows(row, dataset, prompt, margin, pairs, conversational)]
     if not rows:
         raise DataError(f"{groups}: no preference pairs (every video's rewards lie within margin={margin})")
     out = Path(out_dir)

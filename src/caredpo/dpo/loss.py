@@ -20,6 +20,7 @@ of Rafailov et al., as in trl's `loss_type="sigmoid"`).
 (`stats.DPOStats`); `weighted_sum` adds them up with their lambdas (and, under data parallelism,
 this process's share of each term's videos).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -34,15 +35,15 @@ PAIR_MODES = ("all", "best_worst")
 TERMS = ("caption", "video", "nll")  # the loss terms, in the order L adds them
 
 
-def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
-             ref_rejected: Tensor, beta: float) -> Tensor:
+def dpo_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> Tensor:
     """Sigmoid DPO loss, mean over the batch. All inputs: summed sequence log-probs [B]."""
     logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     return -F.logsigmoid(beta * logits).mean()
 
 
-def pair_mask(rewards: Tensor, margin: float = 0.0, pairs: str = "all",
-              caption_mask: Tensor | None = None) -> Tensor:
+def pair_mask(rewards: Tensor, margin: float = 0.0, pairs: str = "all", caption_mask: Tensor | None = None) -> Tensor:
     """Which (winner w, loser l) pairs enter the caption group: bool [G, K, K], [g, w, l]."""
     if pairs not in PAIR_MODES:
         raise ValueError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
@@ -83,8 +84,9 @@ def caption_group_loss(h: Tensor, mask: Tensor, beta: float) -> tuple[Tensor, di
     return loss, stats
 
 
-def video_group_loss(h_best: Tensor, h_cross: Tensor, beta: float,
-                     cross_mask: Tensor | None = None) -> tuple[Tensor, dict]:
+def video_group_loss(
+    h_best: Tensor, h_cross: Tensor, beta: float, cross_mask: Tensor | None = None
+) -> tuple[Tensor, dict]:
     """h_best: [G] h(v, c*); h_cross: [G, M] h(u, c*) for the twins u of v; mask [G, M]."""
     valid = torch.ones_like(h_cross, dtype=torch.bool) if cross_mask is None else cross_mask.bool()
     diff = h_best[:, None] - h_cross  # [G, M]
@@ -109,11 +111,21 @@ def nll_loss(policy_best: Tensor, lengths: Tensor) -> Tensor:
     return (-policy_best / lengths.clamp(min=1).to(policy_best.dtype)).mean()
 
 
-def dg_dpo_terms(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor,
-                 policy_cross_logps: Tensor | None, ref_cross_logps: Tensor | None, beta: float,
-                 margin: float = 0.0, *, pairs: str = "all", caption_mask: Tensor | None = None,
-                 cross_mask: Tensor | None = None, best: Tensor | None = None,
-                 lengths: Tensor | None = None) -> tuple[dict[str, Tensor], DPOStats]:
+def dg_dpo_terms(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    policy_cross_logps: Tensor | None,
+    ref_cross_logps: Tensor | None,
+    beta: float,
+    margin: float = 0.0,
+    *,
+    pairs: str = "all",
+    caption_mask: Tensor | None = None,
+    cross_mask: Tensor | None = None,
+    best: Tensor | None = None,
+    lengths: Tensor | None = None,
+) -> tuple[dict[str, Tensor], DPOStats]:
     """The unweighted terms {"caption", "video" (with cross log-probs), "nll" (with lengths)} and
     their stats (`loss` left 0: see `weighted_sum`). Shapes as in `dg_dpo_loss`."""
     h = policy_logps - ref_logps
@@ -132,8 +144,9 @@ def dg_dpo_terms(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor,
     return terms, DPOStats(**stats)
 
 
-def weighted_sum(terms: Mapping[str, Tensor], lambdas: Mapping[str, float],
-                 shares: Mapping[str, float] | None = None) -> Tensor:
+def weighted_sum(
+    terms: Mapping[str, Tensor], lambdas: Mapping[str, float], shares: Mapping[str, float] | None = None
+) -> Tensor:
     """L = sum of lambda_t * term_t over the terms present with lambda_t != 0, in TERMS order.
     shares: each term's factor under data parallelism (this process's videos in the term / all
     processes' videos in it), so the processes' losses add up to the whole batch's loss."""
@@ -146,12 +159,23 @@ def weighted_sum(terms: Mapping[str, Tensor], lambdas: Mapping[str, float],
     return total
 
 
-def dg_dpo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor,
-                policy_cross_logps: Tensor | None, ref_cross_logps: Tensor | None,
-                beta: float, lambda_video: float, margin: float = 0.0, *,
-                pairs: str = "all", caption_mask: Tensor | None = None,
-                cross_mask: Tensor | None = None, best: Tensor | None = None,
-                lambda_nll: float = 0.0, lengths: Tensor | None = None) -> tuple[Tensor, DPOStats]:
+def dg_dpo_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    rewards: Tensor,
+    policy_cross_logps: Tensor | None,
+    ref_cross_logps: Tensor | None,
+    beta: float,
+    lambda_video: float,
+    margin: float = 0.0,
+    *,
+    pairs: str = "all",
+    caption_mask: Tensor | None = None,
+    cross_mask: Tensor | None = None,
+    best: Tensor | None = None,
+    lambda_nll: float = 0.0,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, DPOStats]:
     """DG-DPO (our reconstruction). Shapes: policy_logps, ref_logps, rewards [G, K]; cross [G, M]
     = log-probs of each video's best caption under its M twins (None: no video group).
 
@@ -163,8 +187,19 @@ def dg_dpo_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor,
     """
     if lambda_nll and lengths is None:
         raise ValueError("lambda_nll > 0 needs `lengths` (caption token counts [G, K])")
-    terms, stats = dg_dpo_terms(policy_logps, ref_logps, rewards, policy_cross_logps, ref_cross_logps, beta, margin,
-                                pairs=pairs, caption_mask=caption_mask, cross_mask=cross_mask, best=best,
-                                lengths=lengths if lambda_nll else None)
+    terms, stats = dg_dpo_terms(
+        policy_logps,
+        ref_logps,
+        rewards,
+        policy_cross_logps,
+        ref_cross_logps,
+        beta,
+        margin,
+        pairs=pairs,
+        caption_mask=caption_mask,
+        cross_mask=cross_mask,
+        best=best,
+        lengths=lengths if lambda_nll else None,
+    )
     loss = weighted_sum(terms, {"caption": 1.0, "video": lambda_video, "nll": lambda_nll})
     return loss, stats.with_loss(float(loss.detach()))

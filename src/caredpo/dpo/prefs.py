@@ -16,18 +16,19 @@ group's own seed, so the rows equal one process's); each appends to groups.jsonl
 rank 0 merges them into groups.jsonl in group order (`caredpo.io.merge_parts`).
 Why the reward has this form: docs/design.md, "The preference stage".
 """
+
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 
 from .. import dist
 from ..io import append_jsonl, merge_parts, part_path, part_paths, read_jsonl, write_json
-from ..records import SENTENCE_POOLS, Dataset, DataError, check_pool
+from ..records import SENTENCE_POOLS, DataError, Dataset, check_pool
 
 GROUPS_FILE = "groups.jsonl"
 META_FILE = "prefs.json"
@@ -76,8 +77,9 @@ class PrefsConfig:
             raise ValueError("PrefsConfig: max_new_tokens, num_neighbours >= 1 and max_videos >= 0")
 
 
-def hard_negatives(dataset: Dataset, video_ids: Sequence[str], embed: Callable[[list[str]], torch.Tensor],
-                   k: int, search=None) -> dict[str, list[str]]:
+def hard_negatives(
+    dataset: Dataset, video_ids: Sequence[str], embed: Callable[[list[str]], torch.Tensor], k: int, search=None
+) -> dict[str, list[str]]:
     """Twins where the data set has groups; else the k nearest videos by embedding (cosine):
     torch up to `search.exact_max` videos, FAISS above (a `retrieval.search.SearchConfig`)."""
     from ..retrieval.search import SearchConfig, neighbours
@@ -90,10 +92,17 @@ def hard_negatives(dataset: Dataset, video_ids: Sequence[str], embed: Callable[[
     return {v: [ids[j] for j in top[i].tolist()] for i, v in enumerate(ids)}
 
 
-def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str | Path,
-                      greedy: Mapping[str, str], config: PrefsConfig = PrefsConfig(),
-                      show_progress: bool = True,
-                      visual: Callable[[Sequence[str]], torch.Tensor] | None = None) -> Path:
+def build_preferences(
+    captioner,
+    scorer,
+    dataset: Dataset,
+    store,
+    out_dir: str | Path,
+    greedy: Mapping[str, str],
+    config: PrefsConfig = PrefsConfig(),
+    show_progress: bool = True,
+    visual: Callable[[Sequence[str]], torch.Tensor] | None = None,
+) -> Path:
     """Write `out_dir/groups.jsonl` (+ `prefs.json` summary); resumes after the last whole unit.
 
     captioner: a `Captioner` (the frozen SFT model = pi_ref). scorer: a retrieval `Scorer`.
@@ -106,8 +115,9 @@ def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str |
     out = Path(out_dir)
     path = out / GROUPS_FILE
     vids = preference_videos(dataset, config)
-    negatives = hard_negatives(dataset, vids, lambda ids: scorer.candidates(store.global_feats(ids)),
-                               config.num_neighbours)
+    negatives = hard_negatives(
+        dataset, vids, lambda ids: scorer.candidates(store.global_feats(ids)), config.num_neighbours
+    )
     missing = sorted({u for v in vids for u in negatives[v]} - set(greedy))
     if missing:
         raise DataError(f"no greedy caption for hard-negative videos {missing[:3]} (run captions for train first)")
@@ -115,15 +125,16 @@ def build_preferences(captioner, scorer, dataset: Dataset, store, out_dir: str |
     sharded = dist.world_size() > 1 or bool(parts)  # shards left by a killed sharded run count too
     done = {row["video_id"] for p in [path, *parts] for row in read_jsonl(p)}
     all_units = dataset.units(vids)  # whole twin groups: one batch, both directions
-    mine = all_units[dist.rank()::dist.world_size()]
+    mine = all_units[dist.rank() :: dist.world_size()]
     units = [u for u in mine if not set(u) <= done]
     target = part_path(path, dist.rank()) if sharded else path
     with progress_bar() as bar:
         total = sum(map(len, mine))
         task = bar.add_task("preferences", total=total, completed=total - sum(map(len, units)), unit="videos")
         for unit in units:
-            rows = _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config,
-                               visual or store.grid_feats)
+            rows = _score_unit(
+                captioner, scorer, dataset, store, unit, negatives, greedy, config, visual or store.grid_feats
+            )
             append_jsonl(target, [r for r in rows if r["video_id"] not in done])
             bar.advance(task, len(unit))
     if sharded:
@@ -155,10 +166,17 @@ def preference_videos(dataset: Dataset, config: PrefsConfig) -> list[str]:
 def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config, visual) -> list[dict]:
     grid = visual(unit)  # [U, ...]: e.g. grid features [U, T, 4, C]
     seed = config.seed * 1_000_003 + zlib.crc32(dataset.group_key(unit[0]).encode())
-    samples = captioner.generate(grid, n=config.num_samples, temperature=config.temperature,
-                                 top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=seed)
-    rewards = [_rewards(scorer, dataset, store, v, samples[i], negatives[v], greedy, config)
-               for i, v in enumerate(unit)]
+    samples = captioner.generate(
+        grid,
+        n=config.num_samples,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        seed=seed,
+    )
+    rewards = [
+        _rewards(scorer, dataset, store, v, samples[i], negatives[v], greedy, config) for i, v in enumerate(unit)
+    ]
     best = [int(torch.argmax(r)) for r in rewards]
     # One log-prob pass for the unit: each sample under its own video, then each video's best
     # caption under each of its twins. Rows share a prefix pass per distinct video.
@@ -167,9 +185,20 @@ def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, conf
     logps = iter(captioner.logprob(visual(vids), caps).tolist())  # in the order of `caps`
     ref = [[next(logps) for _ in s] for s in samples]
     ref_cross = [[next(logps) for _ in negatives[v]] for v in unit]
-    return [{"video_id": v, "group": dataset.by_id[v].group, "captions": samples[i], "rewards": rewards[i].tolist(),
-             "ref_logps": ref[i], "best": best[i], "negatives": negatives[v], "ref_cross_logps": ref_cross[i],
-             "lengths": _lengths(captioner, samples[i])} for i, v in enumerate(unit)]
+    return [
+        {
+            "video_id": v,
+            "group": dataset.by_id[v].group,
+            "captions": samples[i],
+            "rewards": rewards[i].tolist(),
+            "ref_logps": ref[i],
+            "best": best[i],
+            "negatives": negatives[v],
+            "ref_cross_logps": ref_cross[i],
+            "lengths": _lengths(captioner, samples[i]),
+        }
+        for i, v in enumerate(unit)
+    ]
 
 
 def _lengths(captioner, caps: list[str]) -> list[int]:
@@ -181,7 +210,9 @@ def _rewards(scorer, dataset, store, v, caps, negs, greedy, config) -> torch.Ten
     """[K] rewards of v's sampled captions against its twins carrying their greedy captions."""
     k = len(caps)
     feats = store.global_feats([v] * k + list(negs))  # [K + M, T, F]
-    sim = scorer.similarity(SENTENCE_POOLS[config.reward_queries](dataset, v), feats, list(caps) + [greedy[u] for u in negs])
+    sim = scorer.similarity(
+        SENTENCE_POOLS[config.reward_queries](dataset, v), feats, list(caps) + [greedy[u] for u in negs]
+    )
     return REWARDS[config.reward](sim * scorer.model.logit_scale().item(), k)
 
 
@@ -193,10 +224,14 @@ def summarize(rows: Sequence[dict], dataset: Dataset | None = None) -> dict:
     r = torch.tensor([row["rewards"] for row in rows if len(row["rewards"]) == len(rows[0]["rewards"])])
     spread = r.max(1).values - r.min(1).values
     distinct = [len(set(row["captions"])) / len(row["captions"]) for row in rows]
-    out = {"videos": len(rows), "reward_mean": r.mean().item(), "reward_std": r.std().item(),
-           "within_video_spread_median": spread.median().item(),
-           "share_all_tied": (spread == 0).float().mean().item(),
-           "distinct_caption_share": sum(distinct) / len(distinct)}
+    out = {
+        "videos": len(rows),
+        "reward_mean": r.mean().item(),
+        "reward_std": r.std().item(),
+        "within_video_spread_median": spread.median().item(),
+        "share_all_tied": (spread == 0).float().mean().item(),
+        "distinct_caption_share": sum(distinct) / len(distinct),
+    }
     for factor in FINE_FACTORS if dataset is not None else ():
         out.update(factor_diagnostics(rows, dataset, factor))
     return out
@@ -234,6 +269,8 @@ def factor_diagnostics(rows: Sequence[dict], dataset: Dataset, factor: str) -> d
                     wins += 1.0 if rw[i] > rw[j] else 0.5 if rw[i] == rw[j] else 0.0
     if not judged:
         return {}
-    return {f"{factor}_any_right": any_right / judged,
-            f"{factor}_best_right": best_right / any_right if any_right else float("nan"),
-            f"{factor}_pair_acc": wins / pairs if pairs else float("nan")}
+    return {
+        f"{factor}_any_right": any_right / judged,
+        f"{factor}_best_right": best_right / any_right if any_right else float("nan"),
+        f"{factor}_pair_acc": wins / pairs if pairs else float("nan"),
+    }

@@ -9,11 +9,13 @@ A loss term `x` has `loss_x` (its mean over videos) and the count `x_videos`; so
 adding its two fields here and its computation in `loss.dg_dpo_terms`: combining, the empty values
 and the readers (progress bar, error messages, logs, report) follow from the fields.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any
 
 _NAN = math.nan
 
@@ -45,26 +47,37 @@ class DPOStats:
 
     def to_row(self) -> dict[str, Any]:
         """The fields a metrics-log row carries (a term that is off is left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.metadata.get("logged", True) and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.metadata.get("logged", True) and getattr(self, f.name) is not None
+        }
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> "DPOStats":
+    def from_row(cls, row: Mapping[str, Any]) -> DPOStats:
         """Read back a metrics-log row (null, as NaN is written, reads as NaN)."""
         known = {f.name: f for f in fields(cls)}
-        return cls(**{k: (_NAN if v is None and known[k].metadata.get("empty", 0) is not None else v)
-                      for k, v in row.items() if k in known})
+        return cls(
+            **{
+                k: (_NAN if v is None and known[k].metadata.get("empty", 0) is not None else v)
+                for k, v in row.items()
+                if k in known
+            }
+        )
 
     def term_losses(self) -> dict[str, float]:
         """loss_x of every term that is on."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name.startswith("loss_") and getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name.startswith("loss_") and getattr(self, f.name) is not None
+        }
 
     def term_videos(self, terms) -> list[int]:
         """The count of videos each of `terms` ("caption", "video", ...) averages over."""
         return [getattr(self, f"{t}_videos") for t in terms]
 
-    def with_loss(self, loss: float) -> "DPOStats":
+    def with_loss(self, loss: float) -> DPOStats:
         return replace(self, loss=loss)
 
 

@@ -21,24 +21,40 @@ are summed over processes, so the update equals one process's on the whole batch
 The run folder is a trainer's (`caredpo.training`): log.jsonl (one `stats.DPOStats` row a step, plus
 step, grad_norm, lr, videos, time_s, epoch), checkpoint/, train_config.json, metrics.json.
 """
+
 from __future__ import annotations
 
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from .. import dist
 from ..io import numbered_jsonl, read_jsonl, write_json
-from ..records import DataError, work_units
-from ..records import NonFiniteLossError  # noqa: F401  (still importable from here, as before dpo/config.py)
-from ..training import (CHECKPOINT_DIR, CONFIG_FILE, LOG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin,
-                        check_finite, clip_gradients, due, lr_schedule, restore_weights)
+from ..records import (
+    DataError,
+    NonFiniteLossError,  # noqa: F401  (still importable from here, as before dpo/config.py)
+    work_units,
+)
+from ..training import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LOG_FILE,
+    SUMMARY_FILE,
+    Checkpoint,
+    MetricsLog,
+    begin,
+    check_finite,
+    clip_gradients,
+    due,
+    lr_schedule,
+    restore_weights,
+)
 from .batch import FeatureFn, batch_loss, shared_loss
 from .config import DPOConfig
 from .stats import DPOStats
@@ -90,10 +106,11 @@ def twin_batches(rows: Sequence[dict], groups_per_batch: int, seed: int, epoch: 
     """Row indices per step: groups in a seeded order (per epoch), whole groups per batch."""
     order = work_units(range(len(rows)), lambda i: rows[i].get("group"))
     random.Random(f"{seed}:{epoch}").shuffle(order)
-    return [sum(order[s:s + groups_per_batch], []) for s in range(0, len(order), groups_per_batch)]
+    return [sum(order[s : s + groups_per_batch], []) for s in range(0, len(order), groups_per_batch)]
 
 
 # ---------------------------------------------------------------- the loop
+
 
 @dataclass
 class _Run:
@@ -126,9 +143,17 @@ def _make_run(policy: nn.Module, config: DPOConfig, out: Path) -> _Run:
     return _Run(policy, opt, lr_schedule(opt, "constant", config.warmup_steps), Checkpoint(out))
 
 
-def train_dpo(policy: nn.Module, groups: str | Path | Sequence[dict], features: FeatureFn,
-              out_dir: str | Path, config: DPOConfig = DPOConfig(), *, resume: bool = False,
-              stop_after: int | None = None, show_progress: bool = True) -> dict:
+def train_dpo(
+    policy: nn.Module,
+    groups: str | Path | Sequence[dict],
+    features: FeatureFn,
+    out_dir: str | Path,
+    config: DPOConfig = DPOConfig(),
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+) -> dict:
     """Train `policy` (any nn.Module with a differentiable `logprob(features, captions)`) in place.
 
     Writes `out_dir/log.jsonl` (one row a step: loss, reward accuracy, margin, ...), `checkpoint/`
@@ -153,8 +178,13 @@ def train_dpo(policy: nn.Module, groups: str | Path | Sequence[dict], features: 
     total = min(total, config.max_steps) if config.max_steps else total
     end = min(total, stop_after) if stop_after is not None else total
     _loop(run, rows, features, config, per_epoch, total, end, show_progress)
-    summary = {"steps": run.step, "total_steps": total, "finished": run.step >= total,
-               "checkpoint": str(run.checkpoint.path), "metrics": str(out / LOG_FILE)}
+    summary = {
+        "steps": run.step,
+        "total_steps": total,
+        "finished": run.step >= total,
+        "checkpoint": str(run.checkpoint.path),
+        "metrics": str(out / LOG_FILE),
+    }
     if dist.is_main():
         write_json(out / SUMMARY_FILE, summary)
     return summary
@@ -164,22 +194,31 @@ def _check_start(out: Path, resume: bool, config: DPOConfig) -> None:
     if Checkpoint(out).exists() and not resume:
         raise DataError(f"{Checkpoint(out).path}: a checkpoint exists; pass --resume or use another output folder")
     if dist.world_size() > config.groups_per_batch:
-        raise DataError(f"groups_per_batch={config.groups_per_batch} is below the {dist.world_size()} processes: "
-                        "each step's twin groups are split over them; raise --groups-per-batch")
+        raise DataError(
+            f"groups_per_batch={config.groups_per_batch} is below the {dist.world_size()} processes: "
+            "each step's twin groups are split over them; raise --groups-per-batch"
+        )
 
 
-def _loop(run: _Run, rows, features, config: DPOConfig, per_epoch: int, total: int, end: int,
-          show_progress: bool) -> None:
+def _loop(
+    run: _Run, rows, features, config: DPOConfig, per_epoch: int, total: int, end: int, show_progress: bool
+) -> None:
     from rich.progress import TextColumn
 
     from ..progress import progress_bar
 
-    stats_col = TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.2f} "
-                           "margin {task.fields[margin]:+.3f}")
+    stats_col = TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.2f} margin {task.fields[margin]:+.3f}")
     log = MetricsLog(run.checkpoint.path.parent)
     with progress_bar(stats_col, transient=not show_progress) as bar:
-        task = bar.add_task(config.mode, total=total, completed=run.step, unit="steps",
-                            loss=float("nan"), acc=float("nan"), margin=float("nan"))
+        task = bar.add_task(
+            config.mode,
+            total=total,
+            completed=run.step,
+            unit="steps",
+            loss=float("nan"),
+            acc=float("nan"),
+            margin=float("nan"),
+        )
         batches, epoch = None, -1
         while run.step < end:
             if run.step // per_epoch != epoch:
@@ -212,9 +251,14 @@ def _step(run: _Run, batch: Sequence[dict], features: FeatureFn, config: DPOConf
         run.optimizer.step()
     run.scheduler.step()
     run.step += 1
-    return stats, {"step": run.step, **stats.to_row(), "grad_norm": grad_norm,
-                   "lr": run.optimizer.param_groups[0]["lr"], "videos": len(batch),
-                   "time_s": time.perf_counter() - t0}
+    return stats, {
+        "step": run.step,
+        **stats.to_row(),
+        "grad_norm": grad_norm,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "videos": len(batch),
+        "time_s": time.perf_counter() - t0,
+    }
 
 
 def _check(value, what: str, run: _Run, stats: DPOStats, config: DPOConfig) -> None:
@@ -223,6 +267,7 @@ def _check(value, what: str, run: _Run, stats: DPOStats, config: DPOConfig) -> N
 
 
 # ---------------------------------------------------------------- metrics log
+
 
 def metrics_rows(out_dir: str | Path) -> list[dict]:
     """The metrics log of a run, one dict a step (NaN is written as null)."""

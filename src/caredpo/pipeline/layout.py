@@ -19,6 +19,7 @@ A layout over a data set already on disk (`RunLayout.create(RUN, data=DIR)`, or 
 `caredpo run` itself always generates TwinClips) reads the data from DIR and writes nothing into
 it: its features go to RUN/features.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ class RunLayout:
     features: Path  # the FeatureStore folder
 
     @classmethod
-    def create(cls, root: str | Path, data: str | Path | None = None) -> "RunLayout":
+    def create(cls, root: str | Path, data: str | Path | None = None) -> RunLayout:
         """A generated run keeps its data inside (RUN/data); a run on DIR reads DIR."""
         root = Path(root)
         if data is None:
@@ -79,7 +80,7 @@ class RunLayout:
         return cls(root, Path(data), root / "features")
 
     @classmethod
-    def load(cls, root: str | Path) -> "RunLayout":
+    def load(cls, root: str | Path) -> RunLayout:
         """The layout of an existing run folder: its data folder as run.json records it."""
         root = Path(root)
         data = _recorded_source(root / RUN_JSON)

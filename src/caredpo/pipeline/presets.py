@@ -3,10 +3,11 @@
 `smoke` is for tests (tiny random LM and text encoder, a few dozen 64 px clips, under a minute);
 `default` uses the pretrained parts (EfficientNet-Lite0, MiniLM, SmolLM2-135M) on TwinClips.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
 
 from ..captioner.generate import SamplingConfig
 from ..captioner.model import CaptionerConfig
@@ -50,11 +51,15 @@ class RunConfig:
         if self.dpo.mode != "dpo" or self.dg_dpo.mode != "dg-dpo":
             raise ValueError("RunConfig: dpo must be mode 'dpo' and dg_dpo mode 'dg-dpo'")
         if self.features.num_frames < self.captioner.num_frames:
-            raise ValueError(f"RunConfig: the captioner wants {self.captioner.num_frames} frames, "
-                             f"features have {self.features.num_frames}")
+            raise ValueError(
+                f"RunConfig: the captioner wants {self.captioner.num_frames} frames, "
+                f"features have {self.features.num_frames}"
+            )
         if self.captioner.colour_bins != self.features.colour_bins:
-            raise ValueError(f"RunConfig: the captioner wants {self.captioner.colour_bins} colour bins, features "
-                             f"have {self.features.colour_bins} ({self.features.colour_levels} levels a channel)")
+            raise ValueError(
+                f"RunConfig: the captioner wants {self.captioner.colour_bins} colour bins, features "
+                f"have {self.features.colour_bins} ({self.features.colour_levels} levels a channel)"
+            )
 
     def retriever_config(self, name: str) -> RetrieverTrainConfig:
         """The retriever of a RETRIEVERS entry, as `caredpo run` trains it."""
@@ -63,8 +68,11 @@ class RunConfig:
     def retriever_variant(self, variant: str, pooling: str | None = None) -> RetrieverTrainConfig:
         """The preset's retriever as a model variant (VARIANTS in retrieval/model.py) with a video
         pooling (default: the preset's), sized to the features' frames, with the run's seed."""
-        model = replace(self.retriever.model.with_variant(variant), num_frames=self.features.num_frames,
-                        video_pooling=pooling or self.retriever.model.video_pooling)
+        model = replace(
+            self.retriever.model.with_variant(variant),
+            num_frames=self.features.num_frames,
+            video_pooling=pooling or self.retriever.model.video_pooling,
+        )
         return replace(self.retriever, model=model, seed=self.seed)
 
     def to_dict(self) -> dict:
@@ -73,14 +81,26 @@ class RunConfig:
 
 def _smoke(seed: int) -> RunConfig:
     return RunConfig(
-        preset="smoke", seed=seed,
+        preset="smoke",
+        seed=seed,
         data=TwinClipsConfig.preset("smoke", seed=seed),
         features=FeatureConfig(num_frames=4, size=64, batch_size=32),
-        captioner=CaptionerConfig(lm="tiny", num_frames=4, colour_bins=64, projector_hidden=64, lora_layers=-1,
-                                  lora_rank=4, seed=seed),
-        sft=SFTConfig(steps=30, videos_per_step=6, captions_per_video=2, warmup_steps=2, val_every=0,
-                      save_every=0, lr_lora=3e-3, lr_projector=3e-3, align_steps=20, align_batch_videos=16,
-                      seed=seed),
+        captioner=CaptionerConfig(
+            lm="tiny", num_frames=4, colour_bins=64, projector_hidden=64, lora_layers=-1, lora_rank=4, seed=seed
+        ),
+        sft=SFTConfig(
+            steps=30,
+            videos_per_step=6,
+            captions_per_video=2,
+            warmup_steps=2,
+            val_every=0,
+            save_every=0,
+            lr_lora=3e-3,
+            lr_projector=3e-3,
+            align_steps=20,
+            align_batch_videos=16,
+            seed=seed,
+        ),
         train_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=12, seed=seed),
         test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=12, seed=seed),
         retriever=retriever_preset("smoke", epochs=4),
@@ -91,22 +111,35 @@ def _smoke(seed: int) -> RunConfig:
 
 
 def _default(seed: int) -> RunConfig:
-    # The choices and the measurements behind them are in docs/results.md and the README. In short:
-    # SFT on 8 videos x 2 sentences a step after 1000 steps of projector alignment (colour
-    # histograms beside the CNN channels), LoRA on all 30 layers; the targets are the *specific*
-    # sentences, so captions state a direction and events for the reward to judge. The retriever
-    # takes the fine-grained recipe (retrieval/train.py PRESETS["default"]). The preference stage and
-    # both DPO arms use the first 40 training twin groups (160 clips), 1 epoch (2 made captions worse). Captions may run to
+    # The choices and the measurements behind them are in docs/results.md. In short: SFT on 8
+    # videos x 2 sentences a step after 1000 steps of projector alignment (colour histograms beside
+    # the CNN channels), LoRA on all 30 layers; the targets are the *specific* sentences, so captions
+    # state a direction and events for the reward to judge; 4 clip tokens that read the whole
+    # trajectory (captioner/model.py Projector). The retriever takes the fine-grained recipe
+    # (retrieval/train.py PRESETS["default"]). The preference stage and both DPO arms use the first
+    # 40 training twin groups (160 clips), one epoch (two made captions worse). Captions may run to
     # 40 tokens: specific sentences do (p90 34). bf16 where the CPU has it (precision.py).
     return RunConfig(
-        preset="default", seed=seed,
+        preset="default",
+        seed=seed,
         data=TwinClipsConfig.preset("default", seed=seed),
         features=FeatureConfig(num_frames=8, size=128),
-        captioner=CaptionerConfig(lm="smollm2", num_frames=8, colour_bins=64, lora_layers=-1, precision="auto",
-                                  seed=seed),
-        sft=SFTConfig(steps=150, videos_per_step=8, captions_per_video=2, lr_projector=2e-3, lr_lora=1e-3,
-                      align_steps=1000, val_every=50, val_videos=16, save_every=50, sentences="specific",
-                      seed=seed),
+        captioner=CaptionerConfig(
+            lm="smollm2", num_frames=8, colour_bins=64, clip_tokens=4, lora_layers=-1, precision="auto", seed=seed
+        ),
+        sft=SFTConfig(
+            steps=150,
+            videos_per_step=8,
+            captions_per_video=2,
+            lr_projector=2e-3,
+            lr_lora=1e-3,
+            align_steps=1000,
+            val_every=50,
+            val_videos=16,
+            save_every=50,
+            sentences="specific",
+            seed=seed,
+        ),
         train_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=40, batch_videos=40, seed=seed),
         test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=40, batch_videos=40, seed=seed),
         retriever=retriever_preset("default"),

@@ -6,11 +6,12 @@ results["arms"][arm][retriever] = {"t2v": {...}, "v2t": {...}, "twin_acc": ...}
 results["caption_factors"][arm] = {"n", "colour", "shape", ...}: % of the arm's test captions that
   state each clip factor right (`caredpo.captioner.factors`; empty for data without factors)
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..io import read_json, write_json
 from ..records import Dataset
@@ -33,8 +34,9 @@ def run_seed(layout: RunLayout, default: int = 0) -> int:
     return read_json(layout.run_json).get("seed", default) if layout.run_json.exists() else default
 
 
-def arm_captions(layout: RunLayout, arm: str, dataset: Dataset, seed: int,
-                 queries: Mapping[str, list[str]] | None = None) -> dict[str, str | None] | None:
+def arm_captions(
+    layout: RunLayout, arm: str, dataset: Dataset, seed: int, queries: Mapping[str, list[str]] | None = None
+) -> dict[str, str | None] | None:
     """video id -> the auxiliary caption this arm gives each test video (None: no caption)."""
     from ..captioner.generate import first_captions, load_captions
     from ..retrieval.score import reference_captions
@@ -46,8 +48,14 @@ def arm_captions(layout: RunLayout, arm: str, dataset: Dataset, seed: int,
     return first_captions(load_captions(layout.captions(arm, "test")))
 
 
-def evaluate_run(layout: RunLayout, dataset: Dataset, store, queries: Mapping[str, list[str]] | None = None,
-                 out_path: str | Path | None = None, seed: int | None = None) -> dict:
+def evaluate_run(
+    layout: RunLayout,
+    dataset: Dataset,
+    store,
+    queries: Mapping[str, list[str]] | None = None,
+    out_path: str | Path | None = None,
+    seed: int | None = None,
+) -> dict:
     """Metrics of every (arm, retriever) pair; writes out_path (default RUN/results.json), keeping
     the other keys (run metadata) of a file already there. seed: the oracle's draw (default: the
     run's seed from run.json, else 0)."""
@@ -64,14 +72,19 @@ def evaluate_run(layout: RunLayout, dataset: Dataset, store, queries: Mapping[st
         for name in ARM_RETRIEVERS[arm]:
             if name not in scorers:
                 scorers[name] = Scorer(Retriever.from_pretrained(layout.retriever_model(name)).eval())
-            m = arms[arm][name] = evaluate(scorers[name].model, dataset, store, captions, "test", queries,
-                                           scorer=scorers[name])
+            m = arms[arm][name] = evaluate(
+                scorers[name].model, dataset, store, captions, "test", queries, scorer=scorers[name]
+            )
             if not math.isfinite(m["twin_acc"]):  # no test video has a twin: nothing to report
                 del m["twin_acc"]
     path = Path(out_path) if out_path else layout.results
     old = read_json(path) if path.exists() else {}
-    results = {**old, "arms": arms, "queries": "custom" if queries else "built-in",
-               "caption_factors": caption_factors(by_arm, dataset)}
+    results = {
+        **old,
+        "arms": arms,
+        "queries": "custom" if queries else "built-in",
+        "caption_factors": caption_factors(by_arm, dataset),
+    }
     write_json(path, results)
     return arms
 
@@ -118,8 +131,19 @@ def table_rows(arms: Mapping[str, Mapping[str, dict]]) -> list[list[str]]:
         for name, m in by_retriever.items():
             t, v = m["t2v"], m["v2t"]
             twin = [f"{m['twin_acc']:.1f}"] if with_twins else []
-            rows.append([arm, name, f"{t['R1']:.1f}", f"{t['R5']:.1f}", f"{t['R10']:.1f}", f"{t['MdR']:.0f}",
-                         f"{t['MnR']:.1f}", f"{v['R1']:.1f}", *twin])
+            rows.append(
+                [
+                    arm,
+                    name,
+                    f"{t['R1']:.1f}",
+                    f"{t['R5']:.1f}",
+                    f"{t['R10']:.1f}",
+                    f"{t['MdR']:.0f}",
+                    f"{t['MnR']:.1f}",
+                    f"{v['R1']:.1f}",
+                    *twin,
+                ]
+            )
     return rows
 
 
@@ -207,8 +231,10 @@ def left_out_note(dataset: Dataset) -> str | None:
         gone.append(("clip factors", "the caption-factor table and the factor lines of captions.md"))
     if not gone:
         return None
-    return (f"{dataset.name}: no {' and no '.join(g for g, _ in gone)}, so "
-            f"{' and '.join(p for _, p in gone)} are left out of the report")
+    return (
+        f"{dataset.name}: no {' and no '.join(g for g, _ in gone)}, so "
+        f"{' and '.join(p for _, p in gone)} are left out of the report"
+    )
 
 
 def _factor_line(factors: Mapping) -> str:
@@ -223,8 +249,13 @@ def aggregate(runs: list[Mapping[str, Mapping[str, dict]]]) -> dict[str, dict[st
     std is 0.0 for a single run. Only (arm, retriever) pairs present in every run are kept."""
     import statistics
 
-    picks = {"t2v R@1": ("t2v", "R1"), "t2v R@5": ("t2v", "R5"), "t2v MnR": ("t2v", "MnR"),
-             "v2t R@1": ("v2t", "R1"), "twin acc %": ("twin_acc", None)}
+    picks = {
+        "t2v R@1": ("t2v", "R1"),
+        "t2v R@5": ("t2v", "R5"),
+        "t2v MnR": ("t2v", "MnR"),
+        "v2t R@1": ("v2t", "R1"),
+        "twin acc %": ("twin_acc", None),
+    }
     out: dict = {}
     for arm, by_retriever in runs[0].items():
         for name in by_retriever:

@@ -4,6 +4,7 @@ A stage's marker is run/stages/<name>.json ({seconds, peak_rss_mb, ...}); an int
 no marker and resumes from its own partial outputs on the next run. Every line of progress also goes
 to run/run.log.
 """
+
 from __future__ import annotations
 
 import platform
@@ -52,8 +53,14 @@ def stages_of(layout: RunLayout) -> dict:
     return {k: v for k, v in STAGES.items() if layout.generated or k not in GENERATED_ONLY}
 
 
-def run_pipeline(preset: str, seed: int, out: str | Path, only: list[str] | None = None,
-                 data: DataSource | None = None, skip_bad: bool = False) -> dict:
+def run_pipeline(
+    preset: str,
+    seed: int,
+    out: str | Path,
+    only: list[str] | None = None,
+    data: DataSource | None = None,
+    skip_bad: bool = False,
+) -> dict:
     """Run (or finish) the whole experiment in `out`, on TwinClips generated there or on the data
     set `data` (any layout `load_dataset` reads); returns results.json's content. skip_bad: list
     missing and unreadable videos (features/skipped.jsonl) and go on without them."""
@@ -120,8 +127,9 @@ def _check_same_config(layout: RunLayout, config, data: DataSource | None) -> No
     if path.exists():
         old = read_json(path)
         if old.get("config") != _jsonable(config.to_dict()) or old.get("data") != source:
-            raise DataError(f"{path}: this run folder was made with another preset/seed/config/data set; "
-                            "use a new --out folder")
+            raise DataError(
+                f"{path}: this run folder was made with another preset/seed/config/data set; use a new --out folder"
+            )
         return
     write_json(path, {"preset": config.preset, "seed": config.seed, "data": source, "config": config.to_dict()})
 
@@ -135,13 +143,15 @@ def _jsonable(obj):
 def _metadata(layout: RunLayout, config) -> dict:
     stages = {p.stem: read_json(p) for p in layout.markers()}
     return {
-        "preset": config.preset, "seed": config.seed,
+        "preset": config.preset,
+        "seed": config.seed,
         "stage_seconds": {k: v["seconds"] for k, v in stages.items()},
         "total_stage_seconds": round(sum(v["seconds"] for v in stages.values()), 1),
         "precision": _precisions(config),
         "peak_rss_mb": max([round(peak_rss_mb())] + [v.get("peak_rss_mb", 0) for v in stages.values()]),
         "versions": {p: _version(p) for p in PACKAGES},
-        "python": platform.python_version(), "machine": f"{platform.machine()}, {_cpus()} CPUs",
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {_cpus()} CPUs",
     }
 
 
@@ -149,8 +159,10 @@ def _precisions(config) -> dict[str, str]:
     """What each model's `precision` setting means on this machine ("fp32" or "bf16")."""
     from ..precision import resolve
 
-    return {"captioner": resolve(config.captioner.precision),
-            "retriever": resolve(config.retriever.model.precision, config.retriever.device)}
+    return {
+        "captioner": resolve(config.captioner.precision),
+        "retriever": resolve(config.retriever.model.precision, config.retriever.device),
+    }
 
 
 def _version(pkg: str) -> str:

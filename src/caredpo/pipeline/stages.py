@@ -6,12 +6,13 @@ So a stage command with `--preset P --seed S` writes what `caredpo run --preset 
 Each stage resumes its own interrupted work. The `STAGES` entries return a small dict for the
 stage's marker (RUN/stages/<name>.json).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 from ..data import DataSource
 from ..records import DataError, Dataset
@@ -23,6 +24,7 @@ ROLE_RETRIEVER = "role"  # the retriever whose scores are the preference stage's
 
 
 # ---- the stage functions (one path for the pipeline and the stage commands) ---------------------
+
 
 def make_twinclips(config, out: Path) -> dict:
     """Generate TwinClips (a `TwinClipsConfig`) into `out`: mp4s + annotations.json."""
@@ -43,14 +45,17 @@ def make_features(dataset: Dataset, out: Path, config, skip_bad: bool = False) -
     if missing and not skip_bad:
         v = missing[0]
         more = f" ({len(missing)} videos missing in all)" if len(missing) > 1 else ""
-        raise DataError(f"{v.source or dataset.root}: video {v.id!r}: no file {dataset.video_path(v)}{more}; "
-                        "--skip-bad skips missing and unreadable videos")
+        raise DataError(
+            f"{v.source or dataset.root}: video {v.id!r}: no file {dataset.video_path(v)}{more}; "
+            "--skip-bad skips missing and unreadable videos"
+        )
     store = FeatureStore.load(extract_features(dataset, out, config, skip_bad=skip_bad))
     return {"videos": len(store.ids), "skipped": len(store.meta.get("skipped", []))}
 
 
-def train_captioner(dataset: Dataset, store, out: Path, captioner, sft, resume: bool,
-                    log: Callable[[str], None] = print) -> dict:
+def train_captioner(
+    dataset: Dataset, store, out: Path, captioner, sft, resume: bool, log: Callable[[str], None] = print
+) -> dict:
     """Projector alignment + SFT of a new captioner (`CaptionerConfig`, `SFTConfig`) into `out`."""
     from ..captioner.model import VideoCaptioner
     from ..captioner.sft import train_sft
@@ -91,8 +96,15 @@ def model_dir(path: Path) -> Path:
     return model if (model / "config.json").exists() else path
 
 
-def train_one_retriever(config, dataset: Dataset, store, out: Path, captions: Path | None, resume: bool,
-                        log: Callable[[str], None] | None = None) -> dict:
+def train_one_retriever(
+    config,
+    dataset: Dataset,
+    store,
+    out: Path,
+    captions: Path | None,
+    resume: bool,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Train a retriever (`RetrieverTrainConfig`) into `out`; `captions`: generated captions of the
     training videos (a captions jsonl) added to the auxiliary-caption draws. A finished one is kept."""
     from ..captioner.generate import load_captions
@@ -107,8 +119,9 @@ def train_one_retriever(config, dataset: Dataset, store, out: Path, captions: Pa
     return metrics
 
 
-def build_prefs(captioner, retriever: Path, dataset: Dataset, store, out: Path, train_captions: Path,
-                config, visual=None) -> dict:
+def build_prefs(
+    captioner, retriever: Path, dataset: Dataset, store, out: Path, train_captions: Path, config, visual=None
+) -> dict:
     """Preference groups (`PrefsConfig`): K samples of `captioner` (= pi_ref) per training video,
     rewarded by the retriever in `retriever`; the twins carry their captions from `train_captions`."""
     from ..captioner.generate import first_captions, load_captions
@@ -138,6 +151,7 @@ def tune_captioner(policy, groups: Path, features, out: Path, config, resume: bo
 
 
 # ---- `caredpo run`: the stages over one run folder ----------------------------------------------
+
 
 @dataclass
 class RunContext:
@@ -182,8 +196,15 @@ def _features(ctx: RunContext) -> dict:
 
 
 def _sft(ctx: RunContext) -> dict:
-    result = train_captioner(ctx.dataset, ctx.store, ctx.layout.captioner("sft"), ctx.config.captioner,
-                             ctx.config.sft, resume=True, log=ctx.log)
+    result = train_captioner(
+        ctx.dataset,
+        ctx.store,
+        ctx.layout.captioner("sft"),
+        ctx.config.captioner,
+        ctx.config.sft,
+        resume=True,
+        log=ctx.log,
+    )
     return {"final_val_loss": result.get("final_val_loss")}
 
 
@@ -198,22 +219,41 @@ def _train_captions(ctx: RunContext) -> dict:
 def _retrievers(ctx: RunContext) -> dict:
     done = {}
     for name in RETRIEVERS:
-        metrics = train_one_retriever(ctx.config.retriever_config(name), ctx.dataset, ctx.store,
-                                      ctx.layout.retriever(name), ctx.layout.captions("sft", "train"),
-                                      resume=True, log=ctx.log)
+        metrics = train_one_retriever(
+            ctx.config.retriever_config(name),
+            ctx.dataset,
+            ctx.store,
+            ctx.layout.retriever(name),
+            ctx.layout.captions("sft", "train"),
+            resume=True,
+            log=ctx.log,
+        )
         done[name] = metrics.get("t2v", {}).get("R1")
     return {"monitored_t2v_R1": done}
 
 
 def _prefs(ctx: RunContext) -> dict:
-    return build_prefs(ctx.captioner("sft"), ctx.layout.retriever(ROLE_RETRIEVER), ctx.dataset, ctx.store,
-                       ctx.layout.prefs, ctx.layout.captions("sft", "train"), ctx.config.prefs)
+    return build_prefs(
+        ctx.captioner("sft"),
+        ctx.layout.retriever(ROLE_RETRIEVER),
+        ctx.dataset,
+        ctx.store,
+        ctx.layout.prefs,
+        ctx.layout.captions("sft", "train"),
+        ctx.config.prefs,
+    )
 
 
 def _policy(arm: str) -> Callable[[RunContext], dict]:
     def stage(ctx: RunContext) -> dict:
-        stats = tune_captioner(ctx.captioner("sft"), ctx.layout.groups, ctx.store.grid_feats,
-                               ctx.layout.captioner(arm), getattr(ctx.config, arm), resume=True)
+        stats = tune_captioner(
+            ctx.captioner("sft"),
+            ctx.layout.groups,
+            ctx.store.grid_feats,
+            ctx.layout.captioner(arm),
+            getattr(ctx.config, arm),
+            resume=True,
+        )
         return {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
 
     stage.__name__ = f"stage_{arm}"

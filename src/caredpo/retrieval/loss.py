@@ -3,14 +3,16 @@
 Hard negatives come from the batch itself: the trainer fills batches with whole twin groups, so
 every query meets the three look-alike clips of its own video among its negatives.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def info_nce(queries: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor | float,
-             positives: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce(
+    queries: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor | float, positives: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean of text->video and video->text cross-entropy.
 
     queries, candidates: [B, H] unit vectors, row i of each is a positive pair.

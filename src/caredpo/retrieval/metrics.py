@@ -11,6 +11,7 @@ Conventions (docs/design.md, "Evaluation conventions"):
   competitors). Videos without any sentence have no v2t rank and are left out of v2t.
 - R@k are percentages (0-100); MdR / MnR are 1-based.
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence

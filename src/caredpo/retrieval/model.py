@@ -19,6 +19,7 @@ embeddings and LayerNorm, so at step 0 the model equals the same model without r
 Output: mean pool over the mask, L2 norm; similarity = cosine; training logits =
 exp(log_scale) * cosine (learned temperature).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ VARIANTS = {
     "caption_role": (True, True),
 }
 POOLINGS = ("mean", "sequence")
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=128)
+TINY_BERT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128
+)
 
 
 @dataclass(frozen=True)
@@ -80,14 +82,14 @@ class RetrieverConfig:
     def variant(self) -> str:
         return next(k for k, v in VARIANTS.items() if v == (self.use_caption, self.role_embeddings))
 
-    def with_variant(self, name: str) -> "RetrieverConfig":
+    def with_variant(self, name: str) -> RetrieverConfig:
         if name not in VARIANTS:
             raise ValueError(f"unknown retriever variant {name!r}; choose from {sorted(VARIANTS)}")
         use_caption, role = VARIANTS[name]
         return replace(self, use_caption=use_caption, role_embeddings=role)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RetrieverConfig":
+    def from_dict(cls, d: dict) -> RetrieverConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -135,7 +137,7 @@ class Retriever(nn.Module):
         self.video_norm = nn.LayerNorm(cfg.feature_dim)
         self.video_proj = nn.Linear(cfg.feature_dim, hidden)
         with torch.no_grad():
-            self.video_proj.weight.normal_(0, cfg.feature_dim ** -0.5, generator=g)
+            self.video_proj.weight.normal_(0, cfg.feature_dim**-0.5, generator=g)
             self.video_proj.bias.zero_()
         # RMS of one word embedding: the scale video tokens are given (a buffer: saved with the model,
         # so from_pretrained, which builds a random encoder first, restores the trained value).
@@ -275,7 +277,7 @@ class Retriever(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> "Retriever":
+    def from_pretrained(cls, path: str | Path, map_location: str = "cpu") -> Retriever:
         from safetensors.torch import load_file
 
         from ..io import read_json

@@ -8,6 +8,7 @@ without gradients and in eval mode. A `Scorer` caches query vectors by text, so 
 stage can score many caption sets against the same reference sentences for one encoder pass;
 it is only valid while the model's weights do not change (make a new one after a training step).
 """
+
 from __future__ import annotations
 
 import random
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..records import Dataset, DataError
+from ..records import DataError, Dataset
 from .model import Retriever
 from .search import SearchConfig, embedding_metrics
 
@@ -67,21 +68,29 @@ class Scorer:
         self.model.train(was)
         return out
 
-    def similarity(self, queries: Sequence[str], video_feats: torch.Tensor,
-                   captions: Sequence[str | None] | None = None) -> torch.Tensor:
+    def similarity(
+        self, queries: Sequence[str], video_feats: torch.Tensor, captions: Sequence[str | None] | None = None
+    ) -> torch.Tensor:
         return self.queries(queries) @ self.candidates(video_feats, captions).T
 
 
-def similarity_matrix(model: Retriever, queries: list[str], video_feats: torch.Tensor,
-                      captions: list[str | None] | None = None, batch_size: int = 64) -> torch.Tensor:
+def similarity_matrix(
+    model: Retriever,
+    queries: list[str],
+    video_feats: torch.Tensor,
+    captions: list[str | None] | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
     """Cosine similarity [Q, C] of every query with every (video, caption) candidate."""
     return Scorer(model, batch_size).similarity(queries, video_feats, captions)
 
 
 # ---- evaluation --------------------------------------------------------------------------------
 
-def split_queries(dataset: Dataset, split: str, queries: Mapping[str, list[str]] | None = None,
-                  video_ids: Sequence[str] | None = None) -> tuple[list[str], list[str], list[int]]:
+
+def split_queries(
+    dataset: Dataset, split: str, queries: Mapping[str, list[str]] | None = None, video_ids: Sequence[str] | None = None
+) -> tuple[list[str], list[str], list[int]]:
     """(video ids, query texts, query -> video column) for a split, built-in or given queries."""
     vids = list(video_ids) if video_ids is not None else [v.id for v in dataset.split(split)]
     if not vids:
@@ -93,7 +102,7 @@ def split_queries(dataset: Dataset, split: str, queries: Mapping[str, list[str]]
             raise DataError(f"queries name videos not in split {split!r}: {unknown[:3]}")
     texts, q2v = [], []
     for v in vids:
-        for q in (queries.get(v, []) if queries is not None else dataset.queries_of(v)):
+        for q in queries.get(v, []) if queries is not None else dataset.queries_of(v):
             texts.append(q)
             q2v.append(col[v])
     if not texts:
@@ -101,8 +110,9 @@ def split_queries(dataset: Dataset, split: str, queries: Mapping[str, list[str]]
     return vids, texts, q2v
 
 
-def reference_captions(dataset: Dataset, split: str = "test", seed: int = 0,
-                       queries: Mapping[str, list[str]] | None = None) -> dict[str, str | None]:
+def reference_captions(
+    dataset: Dataset, split: str = "test", seed: int = 0, queries: Mapping[str, list[str]] | None = None
+) -> dict[str, str | None]:
     """Oracle auxiliary captions: per video one of its reference sentences that is NOT a query.
 
     The oracle is what a discriminative captioner would write, so it draws (seeded) among the
@@ -120,10 +130,16 @@ def reference_captions(dataset: Dataset, split: str = "test", seed: int = 0,
     return out
 
 
-def evaluate(model: Retriever, dataset: Dataset, features: GlobalFeatures,
-             captions: Mapping[str, str | None] | None, split: str = "test",
-             queries: Mapping[str, list[str]] | None = None, scorer: Scorer | None = None,
-             search: SearchConfig = SearchConfig()) -> dict[str, Any]:
+def evaluate(
+    model: Retriever,
+    dataset: Dataset,
+    features: GlobalFeatures,
+    captions: Mapping[str, str | None] | None,
+    split: str = "test",
+    queries: Mapping[str, list[str]] | None = None,
+    scorer: Scorer | None = None,
+    search: SearchConfig = SearchConfig(),
+) -> dict[str, Any]:
     """t2v / v2t metrics and twin-group accuracy on a split.
 
     captions: video id -> auxiliary caption (None / missing: no caption); ignored by a model
@@ -140,12 +156,23 @@ def evaluate(model: Retriever, dataset: Dataset, features: GlobalFeatures,
     # oracle one; counted so a results table can show it.
     leaks = sum(1 for i, c in enumerate(caps or []) if c is not None and c in own.get(i, ()))
     scorer = scorer or Scorer(model)
-    cands = torch.cat([scorer.candidates(features.global_feats(vids[i:i + CANDIDATE_CHUNK]),
-                                         caps[i:i + CANDIDATE_CHUNK] if caps is not None else None)
-                       for i in range(0, len(vids), CANDIDATE_CHUNK)])
+    cands = torch.cat(
+        [
+            scorer.candidates(
+                features.global_feats(vids[i : i + CANDIDATE_CHUNK]),
+                caps[i : i + CANDIDATE_CHUNK] if caps is not None else None,
+            )
+            for i in range(0, len(vids), CANDIDATE_CHUNK)
+        ]
+    )
     groups = [dataset.by_id[v].group for v in vids]
     out: dict[str, Any] = embedding_metrics(scorer.queries(texts), cands, q2v, groups, search)
-    out.update(split=split, n_videos=len(vids),
-               n_queries=len(texts), captioned=sum(c is not None for c in caps or []),
-               caption_equals_query=leaks, variant=model.config.variant)
+    out.update(
+        split=split,
+        n_videos=len(vids),
+        n_queries=len(texts),
+        captioned=sum(c is not None for c in caps or []),
+        caption_equals_query=leaks,
+        variant=model.config.variant,
+    )
     return out

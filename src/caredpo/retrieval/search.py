@@ -15,6 +15,7 @@ products in different orders. Vectors are expected L2-normalised (inner product 
     nbrs = neighbours(embeddings, k=3)                  # [N, 3], self excluded
     m = embedding_metrics(q, c, q2v, groups)            # {"t2v", "v2t", "twin_acc"} as in evaluate
 """
+
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
@@ -50,6 +51,7 @@ class SearchConfig:
 
 # ---- FAISS ---------------------------------------------------------------------------------------
 
+
 def _np(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
 
@@ -72,16 +74,21 @@ def build_index(gallery: torch.Tensor, config: SearchConfig = SearchConfig(), ex
 def search_index(index, queries: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores float32 [Q, k], indices long [Q, k]) from a FAISS index, in query chunks."""
     q = _np(queries)
-    found = [index.search(q[i:i + chunk], k) for i in range(0, len(q), chunk)] or [
-        (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))]
-    return (torch.from_numpy(np.concatenate([d for d, _ in found])),
-            torch.from_numpy(np.concatenate([i for _, i in found])).long())
+    found = [index.search(q[i : i + chunk], k) for i in range(0, len(q), chunk)] or [
+        (np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+    ]
+    return (
+        torch.from_numpy(np.concatenate([d for d, _ in found])),
+        torch.from_numpy(np.concatenate([i for _, i in found])).long(),
+    )
 
 
 # ---- neighbours ----------------------------------------------------------------------------------
 
-def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
-         config: SearchConfig = SearchConfig()) -> tuple[torch.Tensor, torch.Tensor]:
+
+def topk(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, config: SearchConfig = SearchConfig()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best gallery items per query by inner product, best first: (scores [Q, k], indices [Q, k])."""
     k = min(k, len(gallery))
     if len(gallery) <= config.exact_max:
@@ -89,14 +96,15 @@ def topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
     return search_index(build_index(gallery, config), queries, k, config.chunk)
 
 
-def _torch_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
-                skip_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_topk(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, skip_self: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by matmul in query chunks of at most SCORE_BUDGET scores; skip_self: queries
     are the gallery and each row's own column is excluded."""
     rows = max(1, SCORE_BUDGET // max(len(gallery), 1))
     out = []
     for q0 in range(0, len(queries), rows):
-        sim = queries[q0:q0 + rows] @ gallery.T
+        sim = queries[q0 : q0 + rows] @ gallery.T
         if skip_self:
             sim[torch.arange(len(sim)), torch.arange(q0, q0 + len(sim))] = -float("inf")
         out.append(sim.topk(k, dim=1))
@@ -118,8 +126,10 @@ def neighbours(embeddings: torch.Tensor, k: int, config: SearchConfig = SearchCo
 
 # ---- pessimistic ranks ---------------------------------------------------------------------------
 
-def t2v_ranks(queries: torch.Tensor, gallery: torch.Tensor, truth: torch.Tensor,
-              config: SearchConfig = SearchConfig()) -> torch.Tensor:
+
+def t2v_ranks(
+    queries: torch.Tensor, gallery: torch.Tensor, truth: torch.Tensor, config: SearchConfig = SearchConfig()
+) -> torch.Tensor:
     """[Q] 1-based pessimistic rank of gallery item truth[i] for query i (== metrics.t2v_ranks of
     the full score matrix). FAISS: exact top-`rank_depth`; a truth found strictly above the last
     score is ranked from it, any other query by an exact chunked count."""
@@ -144,28 +154,29 @@ def counted_ranks(queries: torch.Tensor, gallery: torch.Tensor, truth: torch.Ten
     other shapes), so exact ties stay ties: two passes over the chunks that hold truths."""
     out = torch.empty(len(queries), dtype=torch.long)
     for q0 in range(0, len(queries), chunk):
-        q, t = queries[q0:q0 + chunk], truth[q0:q0 + chunk]
+        q, t = queries[q0 : q0 + chunk], truth[q0 : q0 + chunk]
         s = torch.empty(len(q))
         for g0 in range(0, len(gallery), chunk):
             sel = ((t >= g0) & (t < g0 + chunk)).nonzero()[:, 0]
             if len(sel):
-                s[sel] = (q @ gallery[g0:g0 + chunk].T)[sel, t[sel] - g0]
+                s[sel] = (q @ gallery[g0 : g0 + chunk].T)[sel, t[sel] - g0]
         counts = torch.zeros(len(q), dtype=torch.long)
         for g0 in range(0, len(gallery), chunk):
-            counts += (q @ gallery[g0:g0 + chunk].T >= s[:, None]).sum(dim=1)
-        out[q0:q0 + chunk] = counts
+            counts += (q @ gallery[g0 : g0 + chunk].T >= s[:, None]).sum(dim=1)
+        out[q0 : q0 + chunk] = counts
     return out
 
 
-def v2t_ranks(queries: torch.Tensor, gallery: torch.Tensor, truth: torch.Tensor,
-              config: SearchConfig = SearchConfig()) -> torch.Tensor:
+def v2t_ranks(
+    queries: torch.Tensor, gallery: torch.Tensor, truth: torch.Tensor, config: SearchConfig = SearchConfig()
+) -> torch.Tensor:
     """[V'] v2t ranks (== metrics.v2t_ranks): the sentences are the candidates, so above exact_max
     the [Q, V] matrix is scored in gallery-column chunks (exact; memory [Q, chunk])."""
     if len(gallery) <= config.exact_max:
         return matrix_v2t_ranks(queries @ gallery.T, truth)
     out = []
     for g0 in range(0, len(gallery), config.chunk):
-        sim = (queries @ gallery[g0:g0 + config.chunk].T).double()  # [Q, c]
+        sim = (queries @ gallery[g0 : g0 + config.chunk].T).double()  # [Q, c]
         own = truth[:, None] == torch.arange(g0, g0 + sim.shape[1])[None, :]
         best = sim.masked_fill(~own, float("-inf")).amax(dim=0)
         beaten = (sim >= best[None, :]) & ~own
@@ -173,8 +184,13 @@ def v2t_ranks(queries: torch.Tensor, gallery: torch.Tensor, truth: torch.Tensor,
     return torch.cat(out)
 
 
-def twin_accuracy_sparse(queries: torch.Tensor, gallery: torch.Tensor, truth: torch.Tensor,
-                         groups: Sequence[Hashable | None], chunk: int = 4096) -> float:
+def twin_accuracy_sparse(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    truth: torch.Tensor,
+    groups: Sequence[Hashable | None],
+    chunk: int = 4096,
+) -> float:
     """metrics.twin_accuracy without the [Q, V] matrix: each query scores only its video's group."""
     codes = group_codes(groups)
     members: dict[int, list[int]] = {}
@@ -184,13 +200,13 @@ def twin_accuracy_sparse(queries: torch.Tensor, gallery: torch.Tensor, truth: to
     width = max(map(len, members.values()), default=1)
     table = torch.full((len(members) + 1, width), -1, dtype=torch.long)  # last row: "no group"
     for c, cols in members.items():
-        table[c, :len(cols)] = torch.tensor(cols)
+        table[c, : len(cols)] = torch.tensor(cols)
     wins, n = 0, 0
     for q0 in range(0, len(queries), chunk):
-        t = truth[q0:q0 + chunk]
+        t = truth[q0 : q0 + chunk]
         cols = table[codes[t]]  # [q, W]; code -1 picks the last row
         twin = (cols >= 0) & (cols != t[:, None])
-        s = torch.einsum("qh,qwh->qw", queries[q0:q0 + chunk], gallery[cols.clamp(min=0)]).double()
+        s = torch.einsum("qh,qwh->qw", queries[q0 : q0 + chunk], gallery[cols.clamp(min=0)]).double()
         own = s.masked_fill(cols != t[:, None], float("-inf")).amax(dim=1)
         lost = ((s >= own[:, None]) & twin).any(dim=1)
         has = twin.any(dim=1)
@@ -198,8 +214,13 @@ def twin_accuracy_sparse(queries: torch.Tensor, gallery: torch.Tensor, truth: to
     return wins / n * 100 if n else float("nan")
 
 
-def embedding_metrics(queries: torch.Tensor, candidates: torch.Tensor, query_to_video: Sequence[int],
-                      groups: Sequence[Hashable | None], config: SearchConfig = SearchConfig()) -> dict:
+def embedding_metrics(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    query_to_video: Sequence[int],
+    groups: Sequence[Hashable | None],
+    config: SearchConfig = SearchConfig(),
+) -> dict:
     """{"t2v", "v2t", "twin_acc"} from unit vectors: queries [Q, H], candidates [V, H]."""
     if len(candidates) <= config.exact_max:
         sim = queries @ candidates.T
@@ -209,6 +230,8 @@ def embedding_metrics(queries: torch.Tensor, candidates: torch.Tensor, query_to_
         raise ValueError("query_to_video needs one column index in [0, n_videos) per query")
     if len(groups) != len(candidates):
         raise ValueError(f"groups has {len(groups)} entries for {len(candidates)} videos")
-    return {"t2v": summarize_ranks(t2v_ranks(queries, candidates, truth, config)),
-            "v2t": summarize_ranks(v2t_ranks(queries, candidates, truth, config)),
-            "twin_acc": twin_accuracy_sparse(queries, candidates, truth, groups, config.chunk)}
+    return {
+        "t2v": summarize_ranks(t2v_ranks(queries, candidates, truth, config)),
+        "v2t": summarize_ranks(v2t_ranks(queries, candidates, truth, config)),
+        "twin_acc": twin_accuracy_sparse(queries, candidates, truth, groups, config.chunk),
+    }

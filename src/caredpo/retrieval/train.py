@@ -13,6 +13,7 @@ contiguous share, and all-gathers the embeddings with gradient, so each process'
 the whole batch (all negatives); averaged gradients then equal one process's on the same batch.
 Only rank 0 evaluates and writes logs, checkpoints and the model.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,18 @@ import torch
 from .. import dist
 from ..io import read_json, write_json
 from ..records import SENTENCE_POOLS, TWIN_GROUP_SIZE, DataError, Dataset, check_pool
-from ..training import (CONFIG_FILE, SUMMARY_FILE, Checkpoint, MetricsLog, begin, check_finite, clip_gradients, due,
-                        lr_schedule, restore_weights)
+from ..training import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    Checkpoint,
+    MetricsLog,
+    begin,
+    check_finite,
+    clip_gradients,
+    due,
+    lr_schedule,
+    restore_weights,
+)
 from .loss import info_nce
 from .model import Retriever, RetrieverConfig
 from .score import GlobalFeatures, evaluate, reference_captions
@@ -81,7 +92,7 @@ class RetrieverTrainConfig:
             raise ValueError("generated_caption_prob must be None or in [0, 1]")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RetrieverTrainConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> RetrieverTrainConfig:
         d = dict(d)
         d["model"] = RetrieverConfig.from_dict(d.get("model", {}))
         return cls(**d)
@@ -89,23 +100,48 @@ class RetrieverTrainConfig:
 
 # preset name -> overrides. smoke: tiny random encoder, seconds. default: MiniLM, a few minutes.
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(model=RetrieverConfig(text_encoder="tiny", train_layers=-1), epochs=8, batch_groups=2,
-                  lr=3e-3, head_lr=3e-3, warmup_steps=2, save_every=0, query_sentences="specific",
-                  caption_sentences="specific", generated_caption_prob=0.25),
+    "smoke": dict(
+        model=RetrieverConfig(text_encoder="tiny", train_layers=-1),
+        epochs=8,
+        batch_groups=2,
+        lr=3e-3,
+        head_lr=3e-3,
+        warmup_steps=2,
+        save_every=0,
+        query_sentences="specific",
+        caption_sentences="specific",
+        generated_caption_prob=0.25,
+    ),
     # The fine-grained recipe: queries that can tell twins apart, auxiliary captions that are other
     # specific reference sentences (reading their details pays) or, with generated_caption_prob,
     # the video's generated captions (right or wrong: the model learns how far to trust one), whole
     # encoder, 4 epochs of 25 steps (800 clips, 8 twin groups a batch). docs/results.md has the sweep.
     # 48 tokens: a quarter of TwinClips specific sentences are longer than 32, and their events
     # come last. video_shortcut: a direct video path for the no-caption arm (model.py).
-    "default": dict(model=RetrieverConfig(text_encoder="minilm", train_layers=-1, video_shortcut=True,
-                                          max_query_tokens=48, max_caption_tokens=48, precision="auto"),
-                    epochs=4, batch_groups=8, lr=1e-4, query_sentences="specific",
-                    caption_sentences="specific", generated_caption_prob=0.25),
+    "default": dict(
+        model=RetrieverConfig(
+            text_encoder="minilm",
+            train_layers=-1,
+            video_shortcut=True,
+            max_query_tokens=48,
+            max_caption_tokens=48,
+            precision="auto",
+        ),
+        epochs=4,
+        batch_groups=8,
+        lr=1e-4,
+        query_sentences="specific",
+        caption_sentences="specific",
+        generated_caption_prob=0.25,
+    ),
     # The recipe before it (for comparison): queries and captions drawn uniformly from all 8
     # sentences of mixed specificity and the generated captions, top 2 layers, 50 steps.
-    "default-uniform": dict(model=RetrieverConfig(text_encoder="minilm", train_layers=2, video_shortcut=True,
-                                                  max_query_tokens=48), epochs=2, batch_groups=8, lr=1e-4),
+    "default-uniform": dict(
+        model=RetrieverConfig(text_encoder="minilm", train_layers=2, video_shortcut=True, max_query_tokens=48),
+        epochs=2,
+        batch_groups=8,
+        lr=1e-4,
+    ),
 }
 
 
@@ -117,6 +153,7 @@ def preset(name: str, **overrides: Any) -> RetrieverTrainConfig:
 
 # ---- data ------------------------------------------------------------------------------------
 
+
 def units_per_batch(dataset: Dataset, video_ids: Sequence[str], batch_groups: int) -> int:
     """Work units (`Dataset.units`) in a batch: batch_groups twin groups, or, on data without twin
     groups, TWIN_GROUP_SIZE lone videos for each (the batch keeps its size in videos)."""
@@ -127,12 +164,16 @@ def epoch_batches(units: list[list[str]], per_batch: int, seed: int, epoch: int)
     """Video ids per step of an epoch: the units in a seeded order, `per_batch` whole units a batch."""
     order = list(range(len(units)))
     random.Random(f"{seed}-{epoch}").shuffle(order)
-    return [[v for g in order[i : i + per_batch] for v in units[g]]
-            for i in range(0, len(order), per_batch)]
+    return [[v for g in order[i : i + per_batch] for v in units[g]] for i in range(0, len(order), per_batch)]
 
 
-def draw_pairs(dataset: Dataset, batch: list[str], pool: Mapping[str, list[str]] | None,
-               cfg: RetrieverTrainConfig, rng: random.Random) -> tuple[list[str], list[str | None]]:
+def draw_pairs(
+    dataset: Dataset,
+    batch: list[str],
+    pool: Mapping[str, list[str]] | None,
+    cfg: RetrieverTrainConfig,
+    rng: random.Random,
+) -> tuple[list[str], list[str | None]]:
     """(query per video, auxiliary caption per video); the caption is never the query text.
 
     With generated_caption_prob = p, a captioned item carries one of the video's generated
@@ -165,6 +206,7 @@ def _train_ids(dataset: Dataset, features: GlobalFeatures, split: str) -> list[s
 
 # ---- optimisation ----------------------------------------------------------------------------
 
+
 def make_optimizer(model: Retriever, cfg: RetrieverTrainConfig) -> torch.optim.AdamW:
     enc = [p for p in model.encoder.parameters() if p.requires_grad]
     enc_ids = {id(p) for p in model.encoder.parameters()}
@@ -180,9 +222,17 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: RetrieverTrainConfig):
     return lr_schedule(opt, "constant", cfg.warmup_steps)
 
 
-def train_step(model: Retriever, opt: torch.optim.Optimizer, sched, cfg: RetrieverTrainConfig,
-               queries: list[str], feats: torch.Tensor, captions: list[str | None], step: int,
-               checkpoint: Checkpoint | None = None) -> float:
+def train_step(
+    model: Retriever,
+    opt: torch.optim.Optimizer,
+    sched,
+    cfg: RetrieverTrainConfig,
+    queries: list[str],
+    feats: torch.Tensor,
+    captions: list[str | None],
+    step: int,
+    checkpoint: Checkpoint | None = None,
+) -> float:
     """One step on the global batch (queries, feats, captions); under torchrun each process encodes
     its share and the loss, the same on every process, covers the gathered whole (so a NaN/inf
     loss or gradient norm stops every process before the update)."""
@@ -200,8 +250,9 @@ def train_step(model: Retriever, opt: torch.optim.Optimizer, sched, cfg: Retriev
     return float(loss.detach())
 
 
-def _batch_embeddings(model: Retriever, queries: list[str], feats: torch.Tensor,
-                      captions: list[str | None] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch_embeddings(
+    model: Retriever, queries: list[str], feats: torch.Tensor, captions: list[str | None] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(query [B, H], candidate [B, H], scale) of the global batch; rows of other processes are
     gathered with gradient (their backward all-reduces, see `dist.gather_with_grad`)."""
     if dist.world_size() == 1:
@@ -224,16 +275,24 @@ def resume_guard(cfg: RetrieverTrainConfig) -> dict:
 
 # ---- loop ------------------------------------------------------------------------------------
 
+
 def _loss_column():
     from rich.progress import TextColumn
 
     return TextColumn("loss {task.fields[loss]}")
 
 
-def train_retriever(cfg: RetrieverTrainConfig, dataset: Dataset, features: GlobalFeatures,
-                    out_dir: str | Path, caption_pool: Mapping[str, list[str]] | None = None,
-                    resume: bool = False, eval_captions: Mapping[str, str | None] | None = None,
-                    log: Callable[[str], None] | None = None, progress: bool = True) -> tuple[Retriever, dict]:
+def train_retriever(
+    cfg: RetrieverTrainConfig,
+    dataset: Dataset,
+    features: GlobalFeatures,
+    out_dir: str | Path,
+    caption_pool: Mapping[str, list[str]] | None = None,
+    resume: bool = False,
+    eval_captions: Mapping[str, str | None] | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> tuple[Retriever, dict]:
     """Train, writing out_dir/{log.jsonl, checkpoint/, model/, metrics.json, train_config.json}
     (`caredpo.training`); returns (model, metrics).
 
@@ -255,14 +314,32 @@ def train_retriever(cfg: RetrieverTrainConfig, dataset: Dataset, features: Globa
     if eval_captions is None and cfg.model.use_caption:
         eval_captions = reference_captions(dataset, cfg.eval_split, seed=cfg.seed)
     emit = (log if dist.is_main() else None) or (lambda s: None)
-    emit(f"retriever {cfg.model.variant} ({cfg.model.video_pooling} pooling): {len(ids)} videos, {len(groups)} groups, {total} steps"
-         + (f", resuming at step {step}" if step else "")
-         + (f", {dist.world_size()} processes" if dist.world_size() > 1 else ""))
+    emit(
+        f"retriever {cfg.model.variant} ({cfg.model.video_pooling} pooling): {len(ids)} videos, {len(groups)} groups, {total} steps"
+        + (f", resuming at step {step}" if step else "")
+        + (f", {dist.world_size()} processes" if dist.world_size() > 1 else "")
+    )
+
     def batches(epoch: int) -> list[list[str]]:
         return epoch_batches(groups, per_batch, cfg.seed, epoch)
 
-    metrics = _loop(cfg, model, (opt, sched), dataset, features, feats, batches, caption_pool, eval_captions,
-                    step, total, per_epoch, out, emit, progress and dist.is_main())
+    metrics = _loop(
+        cfg,
+        model,
+        (opt, sched),
+        dataset,
+        features,
+        feats,
+        batches,
+        caption_pool,
+        eval_captions,
+        step,
+        total,
+        per_epoch,
+        out,
+        emit,
+        progress and dist.is_main(),
+    )
     if dist.is_main():
         model.save_pretrained(out / "model")
         write_json(out / SUMMARY_FILE, metrics)
@@ -283,8 +360,23 @@ def _start(cfg: RetrieverTrainConfig, ckpt: Checkpoint, start: int | None):
     return model, opt, sched, start or 0
 
 
-def _loop(cfg, model, optim, dataset, features, feats, batches, pool, eval_captions, step, total,
-          per_epoch, out, emit, progress) -> dict:
+def _loop(
+    cfg,
+    model,
+    optim,
+    dataset,
+    features,
+    feats,
+    batches,
+    pool,
+    eval_captions,
+    step,
+    total,
+    per_epoch,
+    out,
+    emit,
+    progress,
+) -> dict:
     from ..progress import progress_bar
 
     (opt, sched), ckpt, metrics_log = optim, Checkpoint(out), MetricsLog(out)
@@ -297,8 +389,9 @@ def _loop(cfg, model, optim, dataset, features, feats, batches, pool, eval_capti
             batch = batches(epoch)[k]
             rng = random.Random(f"{cfg.seed}-draw-{step}")
             queries, captions = draw_pairs(dataset, batch, pool, cfg, rng)
-            loss = train_step(model, opt, sched, cfg, queries, torch.stack([feats[v] for v in batch]), captions,
-                              step, ckpt)
+            loss = train_step(
+                model, opt, sched, cfg, queries, torch.stack([feats[v] for v in batch]), captions, step, ckpt
+            )
             step += 1
             bar.update(task, advance=1, loss=f"{loss:.3f}")
             if not dist.is_main():  # rank 0 alone evaluates and writes; the others go on to the next step
@@ -308,8 +401,10 @@ def _loop(cfg, model, optim, dataset, features, feats, batches, pool, eval_capti
                 metrics = evaluate(model, dataset, features, eval_captions, cfg.eval_split)
                 metrics["step"] = step
                 metrics_log.append({"step": step, "eval": metrics})
-                emit(f"step {step}: {cfg.eval_split} t2v R1 {metrics['t2v']['R1']:.1f} "
-                     f"R5 {metrics['t2v']['R5']:.1f} twin {metrics['twin_acc']:.1f}")
+                emit(
+                    f"step {step}: {cfg.eval_split} t2v R1 {metrics['t2v']['R1']:.1f} "
+                    f"R5 {metrics['t2v']['R5']:.1f} twin {metrics['twin_acc']:.1f}"
+                )
             if due(cfg.save_every, step) or step == total:
                 ckpt.save(step, resume_guard(cfg), model.state_dict(), opt, sched)
     return metrics
