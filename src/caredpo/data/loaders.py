@@ -255,10 +255,10 @@ def _msvd_captions(path: Path) -> dict[str, list[str]]:
 class PlainColumns:
     """Column names of the plain layout (open_clip's CSV-dataset convention: the keys are options)."""
 
-    video_column: str = "video"  # column naming the video file (under videos/, extension optional)
-    caption_column: str = "caption"  # column holding one sentence of that video
-    split_column: str = "split"  # optional column: train, val or test (without it the run holds out a test split)
-    separator: str = ","  # field separator of captions.csv
+    video_column: str = "video"  # plain layout: the column naming the video file (extension optional); "video"
+    caption_column: str = "caption"  # plain layout: the column holding one sentence of it; "caption"
+    split_column: str = "split"  # plain layout: the optional column train / val / test; "split"
+    separator: str = ","  # plain layout: the field separator of captions.csv; ","
 
 
 PLAIN_FILES = ("captions.csv", "captions.jsonl")
