@@ -422,6 +422,8 @@ def test_cli_dpo_then_generate_with_hf(folders, tmp_path, mp4_factory):
                 str(tmp_path / "dpo"),
                 "--lr",
                 "1e-2",
+                "--lambda-nll",  # these hand-made rows carry no caption lengths
+                "0",
                 "--max-steps",
                 "2",
             ]
