@@ -22,7 +22,7 @@ import torch
 
 # name -> (SFTConfig overrides, CaptionerConfig overrides) on the `default` preset's own configs
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "default": ({}, {}),  # colour histograms, 1000 alignment steps, then 150 steps of 8 videos x 2 specific sentences
+    "default": ({}, {}),  # colour histograms, 4 clip tokens, 1000 alignment steps, then 150 steps of 8 x 2 specific
     "all_sentences": ({"sentences": "all"}, {}),  # targets of every specificity, as before the fine-grained recipe
     "fp32": ({}, {"precision": "fp32"}),
     "no_align": ({"align_steps": 0}, {}),
@@ -31,8 +31,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "steps_100": ({"steps": 100}, {}),
     "steps_300": ({"steps": 300}, {}),
     "nodelta": ({}, {"temporal_delta": False}),
-    "clip4": ({}, {"clip_tokens": 4}),  # 4 visual tokens that each read the whole clip's trajectory
-    "clip4_steps300": ({"steps": 300}, {"clip_tokens": 4}),
+    "no_clip": ({}, {"clip_tokens": 0}),  # frame tokens only, as before the 4 clip tokens of `default`
 }
 
 
