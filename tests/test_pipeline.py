@@ -13,9 +13,9 @@ import pytest
 
 from caredpo.cli import main
 from caredpo.dpo.train import read_stats
-from caredpo.pipeline.layout import RunLayout
-from caredpo.pipeline.presets import CAPTION_ARMS, RETRIEVERS
-from caredpo.pipeline.report import ARM_RETRIEVERS
+from caredpo.pipeline.layout import RunLayout, TrainerFiles
+from caredpo.pipeline.presets import CAPTION_ARMS, RERANKERS, RETRIEVERS
+from caredpo.pipeline.report import ARM_RERANKERS, ARM_RETRIEVERS
 from caredpo.pipeline.stages import STAGES
 
 
@@ -40,7 +40,7 @@ def test_results_structure_and_ranges(smoke_run):
     results = json.loads((smoke_run / "results.json").read_text())
     assert set(results["arms"]) == set(CAPTION_ARMS)
     for arm, by_retriever in results["arms"].items():
-        assert set(by_retriever) == set(ARM_RETRIEVERS[arm])
+        assert set(by_retriever) == set(ARM_RETRIEVERS[arm]) | set(ARM_RERANKERS[arm])  # smoke has rerankers
         for m in by_retriever.values():
             _check_metrics(m)
             assert m["n_videos"] == 12 and m["n_queries"] == 12  # 3 test twin groups, one query each
@@ -62,7 +62,7 @@ def test_outputs_for_people(smoke_run):
         assert (smoke_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (smoke_run / "captions.md").read_text()
     assert "factors:" in md and "- dg_dpo:" in md and "- reference:" in md
-    assert "stage 10/10 evaluate: finished" in (smoke_run / "run.log").read_text()
+    assert f"stage {len(STAGES)}/{len(STAGES)} evaluate: finished" in (smoke_run / "run.log").read_text()
 
 
 def test_trainer_folders_hold_the_files_the_layout_names(smoke_run):
@@ -71,6 +71,7 @@ def test_trainer_folders_hold_the_files_the_layout_names(smoke_run):
     layout = RunLayout.load(smoke_run)
     folders = [layout.captioner_files(arm) for arm in ("sft", "dpo", "dg_dpo")]
     folders += [layout.retriever_files(name) for name in RETRIEVERS]
+    folders += [TrainerFiles(layout.reranker(name)) for name in RERANKERS]
     for files in folders:
         assert files.finished and files.log.exists() and files.config.exists(), files.root
         assert (files.checkpoint / "state.json").exists(), files.root

@@ -19,6 +19,7 @@ from . import data as _data
 from . import dpo as _dpo
 from . import export as _export
 from . import prefs as _prefs
+from . import reranker as _reranker
 from . import retriever as _retriever
 from . import run as _run
 
@@ -34,6 +35,7 @@ _data.register(app)
 app.add_typer(_captioner.app, name="captioner")
 app.add_typer(_retriever.app, name="retriever")
 _retriever.register(app)
+app.add_typer(_reranker.app, name="reranker")
 _prefs.register(app)
 _dpo.register(app)
 _export.register(app)

@@ -10,7 +10,9 @@ from ..records import DataError
 
 # Every stage command starts from the configs `caredpo run --preset P --seed S` uses; options override.
 PRESET = typer.Option(
-    "default", "--preset", help="smoke | default: the configs `caredpo run` uses; options given replace single fields."
+    "default",
+    "--preset",
+    help="smoke | default | full: the configs `caredpo run` uses; options given replace single fields.",
 )
 SEED = typer.Option(0, "--seed", help="seed of the run (every config's seed follows from it, as in `caredpo run`)")
 THREADS = typer.Option(0, "--threads", help="torch threads (0: torch's default).")

@@ -6,6 +6,7 @@
     RUN/captioner/<arm>/model/       what `VideoCaptioner.from_pretrained` reads
     RUN/captions/<arm>_<split>.jsonl greedy captions (sft_train: the retrievers' pool and the twins')
     RUN/retriever/<name>/model/      one retriever per `presets.RETRIEVERS` entry (a trainer's folder)
+    RUN/reranker/<name>/model/       one MLLM reranker per `presets.RERANKERS` entry (presets that have them)
     RUN/prefs/groups.jsonl           preference groups with reference log-probs
     RUN/stages/<stage>.json          a stage's marker: written when it finished
     RUN/run.json, run.log            the run's preset, seed, config and data folder; progress lines
@@ -114,6 +115,12 @@ class RunLayout:
 
     def retriever_model(self, name: str) -> Path:
         return self.retriever_files(name).model
+
+    def reranker(self, name: str) -> Path:
+        return self.root / "reranker" / name
+
+    def reranker_model(self, name: str) -> Path:
+        return TrainerFiles(self.reranker(name)).model
 
     # ---- data products
     def captions(self, arm: str, split: str) -> Path:

@@ -16,6 +16,8 @@ from ..data.twinclips import TwinClipsConfig
 from ..dpo.config import DPOConfig
 from ..dpo.prefs import PrefsConfig
 from ..features import FeatureConfig
+from ..rerank.model import RerankerConfig
+from ..rerank.train import RerankerTrainConfig
 from ..retrieval.train import RetrieverTrainConfig
 from ..retrieval.train import preset as retriever_preset
 
@@ -29,6 +31,14 @@ RETRIEVERS = {
     "no_role": ("caption", "mean"),
     "no_caption_seq": ("no_caption", "sequence"),
     "role_seq": ("caption_role", "sequence"),
+}
+
+# Rerankers (rerank/): name -> (RerankerConfig.variant, the first-stage retriever it re-orders).
+# Caption arms are reranked by rerank_role and rerank_no_role, the no-caption arm by rerank_no_caption.
+RERANKERS = {
+    "rerank_role": ("caption_role", "role"),
+    "rerank_no_role": ("caption", "role"),
+    "rerank_no_caption": ("no_caption", "no_caption"),
 }
 
 
@@ -46,6 +56,7 @@ class RunConfig:
     prefs: PrefsConfig  # preference groups: K samples per video, reward
     dg_dpo: DPOConfig  # the DG-DPO arm
     dpo: DPOConfig  # the plain-DPO baseline arm
+    reranker: RerankerTrainConfig | None = None  # the MLLM rerankers (RERANKERS); None: a run without them
 
     def __post_init__(self) -> None:
         if self.dpo.mode != "dpo" or self.dg_dpo.mode != "dg-dpo":
@@ -74,6 +85,13 @@ class RunConfig:
             video_pooling=pooling or self.retriever.model.video_pooling,
         )
         return replace(self.retriever, model=model, seed=self.seed)
+
+    def reranker_config(self, name: str) -> RerankerTrainConfig:
+        """The reranker of a RERANKERS entry, as `caredpo run` trains it."""
+        if self.reranker is None:
+            raise ValueError(f"preset {self.preset!r} has no reranker")
+        model = replace(self.reranker.model, variant=RERANKERS[name][0])
+        return replace(self.reranker, model=model, seed=self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +125,7 @@ def _smoke(seed: int) -> RunConfig:
         prefs=PrefsConfig(num_samples=3, max_new_tokens=12, seed=seed),
         dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-3, epochs=1, save_every=1000, seed=seed),
         dpo=DPOConfig.for_mode("dpo", lr=1e-3, epochs=1, save_every=1000, seed=seed),
+        reranker=RerankerTrainConfig(steps=6, units_per_step=2, candidates=6, lr=3e-3, head_lr=3e-2, k=8, seed=seed),
     )
 
 
@@ -150,7 +169,16 @@ def _default(seed: int) -> RunConfig:
     )
 
 
-PRESETS: dict[str, Callable[[int], RunConfig]] = {"smoke": _smoke, "default": _default}
+def _full(seed: int) -> RunConfig:
+    # default + the MLLM rerankers (SmolLM2 from the SFT captioner, LoRA, roles): kept out of
+    # default for their cost (docs/results.md, "Reranker").
+    reranker = RerankerTrainConfig(
+        model=RerankerConfig(precision="auto"), steps=100, units_per_step=2, candidates=8, k=16, seed=seed
+    )
+    return replace(_default(seed), preset="full", reranker=reranker)
+
+
+PRESETS: dict[str, Callable[[int], RunConfig]] = {"smoke": _smoke, "default": _default, "full": _full}
 
 
 def run_config(preset: str, seed: int = 0) -> RunConfig:

@@ -2,7 +2,8 @@
 
 results["arms"][arm][retriever] = {"t2v": {...}, "v2t": {...}, "twin_acc": ...}
   arm        in CAPTION_ARMS (no_caption, sft, dpo, dg_dpo, reference)
-  retriever  in ARM_RETRIEVERS[arm] (role / no_role; *_seq = video_pooling "sequence")
+  retriever  in ARM_RETRIEVERS[arm] (role / no_role; *_seq = video_pooling "sequence"), then, in a run
+             with rerankers, ARM_RERANKERS[arm] (the two-stage ranking: presets.RERANKERS)
 results["caption_factors"][arm] = {"n", "colour", "shape", ...}: % of the arm's test captions that
   state each clip factor right (`caredpo.captioner.factors`; empty for data without factors)
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 from ..io import read_json, write_json
 from ..records import Dataset
 from .layout import RunLayout
-from .presets import CAPTION_ARMS
+from .presets import CAPTION_ARMS, RERANKERS
 
 # caption arm -> the retrievers it is evaluated with (the no-caption arm has its own retrievers)
 ARM_RETRIEVERS: dict[str, tuple[str, ...]] = {
@@ -25,6 +26,11 @@ ARM_RETRIEVERS: dict[str, tuple[str, ...]] = {
     "dpo": ("role", "no_role"),
     "dg_dpo": ("role", "no_role", "role_seq"),
     "reference": ("role", "no_role"),
+}
+
+# caption arm -> the rerankers that re-order its first stage (rows only where the run trained them)
+ARM_RERANKERS: dict[str, tuple[str, ...]] = {
+    arm: ("rerank_no_caption",) if arm == "no_caption" else ("rerank_role", "rerank_no_role") for arm in CAPTION_ARMS
 }
 
 
@@ -72,9 +78,12 @@ def evaluate_run(
         for name in ARM_RETRIEVERS[arm]:
             if name not in scorers:
                 scorers[name] = Scorer(Retriever.from_pretrained(layout.retriever_model(name)).eval())
-            m = arms[arm][name] = evaluate(
+            arms[arm][name] = evaluate(
                 scorers[name].model, dataset, store, captions, "test", queries, scorer=scorers[name]
             )
+        arms[arm].update(_reranked_rows(layout, arm, dataset, store, captions, queries, scorers))
+    for rows in arms.values():
+        for m in rows.values():
             if not math.isfinite(m["twin_acc"]):  # no test video has a twin: nothing to report
                 del m["twin_acc"]
     path = Path(out_path) if out_path else layout.results
@@ -87,6 +96,29 @@ def evaluate_run(
     }
     write_json(path, results)
     return arms
+
+
+def _reranked_rows(layout: RunLayout, arm: str, dataset, store, captions, queries, scorers) -> dict[str, dict]:
+    """The two-stage rows of one arm: each reranker the run has re-orders its first stage's top k."""
+    from ..io import read_json
+    from ..rerank.evaluate import evaluate_reranked
+    from ..rerank.model import Reranker
+    from ..retrieval.model import Retriever
+
+    rows = {}
+    for name in ARM_RERANKERS[arm]:
+        folder = layout.reranker_model(name)
+        if not (folder / "config.json").exists():
+            continue
+        first = RERANKERS[name][1]
+        retriever = (
+            scorers[first].model if first in scorers else Retriever.from_pretrained(layout.retriever_model(first))
+        )
+        k = read_json(layout.reranker(name) / "train_config.json")["k"]
+        rows[name] = evaluate_reranked(
+            Reranker.from_pretrained(folder), retriever.eval(), dataset, store, captions, "test", queries, k
+        )
+    return rows
 
 
 def caption_factors(by_arm: Mapping[str, Mapping[str, str | None] | None], dataset: Dataset) -> dict[str, dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..data import DataSource
 from ..records import DataError, Dataset
 from .layout import RunLayout, TrainerFiles
-from .presets import RETRIEVERS, RunConfig
+from .presets import RERANKERS, RETRIEVERS, RunConfig
 
 TUNED_ARMS = ("sft", "dpo", "dg_dpo")  # caption arms written by a captioner of ours
 ROLE_RETRIEVER = "role"  # the retriever whose scores are the preference stage's reward
@@ -116,6 +116,45 @@ def train_one_retriever(
         return read_json(files.metrics)  # finished earlier
     pool = load_captions(captions) if captions is not None else None
     _, metrics = train_retriever(config, dataset, store, out, caption_pool=pool, resume=resume, log=log)
+    return metrics
+
+
+def first_stage_neighbours(
+    retriever: Path, dataset: Dataset, store, ids: list[str], captions: Path | None, n: int = 16
+):
+    """{video id: its n nearest other videos among `ids`} in the retriever's candidate space
+    (`captions`: their generated captions): the rerankers' hard negatives."""
+    from ..captioner.generate import first_captions, load_captions
+    from ..retrieval.model import Retriever
+    from ..retrieval.score import Scorer
+
+    model = Retriever.from_pretrained(model_dir(retriever)).eval()
+    caps = first_captions(load_captions(captions)) if captions is not None and model.config.use_caption else {}
+    emb = Scorer(model).candidates(store.global_feats(ids), [caps.get(v) for v in ids] if caps else None)
+    sim = (emb @ emb.T).fill_diagonal_(float("-inf"))
+    near = sim.topk(min(n, len(ids) - 1), dim=1).indices.tolist()
+    return {v: [ids[j] for j in row] for v, row in zip(ids, near)}
+
+
+def train_one_reranker(
+    config, captioner: Path, dataset: Dataset, store, out: Path, first_stage: Path, captions: Path | None, resume: bool
+) -> dict:
+    """Train a reranker (`RerankerTrainConfig`) from the captioner in `captioner` into `out`; hard
+    negatives from the retriever in `first_stage`, the captions jsonl `captions` mixed into the
+    auxiliary-caption draws. A finished one is kept."""
+    from ..captioner.generate import load_captions
+    from ..captioner.model import VideoCaptioner
+    from ..io import read_json
+    from ..rerank.train import train_reranker
+
+    files = TrainerFiles(out)
+    if resume and files.finished:
+        return read_json(files.metrics)
+    ids = split_ids(dataset, store, config.train_split)
+    negatives = first_stage_neighbours(first_stage, dataset, store, ids, captions)
+    pool = load_captions(captions) if captions is not None else None
+    policy = VideoCaptioner.from_pretrained(model_dir(captioner))
+    _, metrics = train_reranker(config, policy, dataset, store, out, negatives, pool, resume=resume)
     return metrics
 
 
@@ -232,6 +271,25 @@ def _retrievers(ctx: RunContext) -> dict:
     return {"monitored_t2v_R1": done}
 
 
+def _rerankers(ctx: RunContext) -> dict:
+    if ctx.config.reranker is None:
+        return {"skipped": f"preset {ctx.config.preset!r} has no reranker"}
+    done = {}
+    for name, (_, first_stage) in RERANKERS.items():
+        metrics = train_one_reranker(
+            ctx.config.reranker_config(name),
+            ctx.layout.captioner("sft"),
+            ctx.dataset,
+            ctx.store,
+            ctx.layout.reranker(name),
+            ctx.layout.retriever(first_stage),
+            ctx.layout.captions("sft", "train"),
+            resume=True,
+        )
+        done[name] = metrics.get("list_accuracy")
+    return {"final_list_accuracy": done}
+
+
 def _prefs(ctx: RunContext) -> dict:
     return build_prefs(
         ctx.captioner("sft"),
@@ -281,6 +339,7 @@ STAGES: dict[str, Callable[[RunContext], dict]] = {
     "sft": _sft,
     "train_captions": _train_captions,
     "retrievers": _retrievers,
+    "rerankers": _rerankers,
     "prefs": _prefs,
     "dpo": _policy("dpo"),
     "dg_dpo": _policy("dg_dpo"),
