@@ -56,7 +56,9 @@ def main() -> None:
     captions = [f"{CAPTION} {i}" for i in range(C)]
     queries = [f"{QUERY} {j}" for j in range(Q)] * C
     shared = torch.arange(C).repeat_interleave(Q)
-    params = sum(p.numel() for n, p in model.captioner.base_lm.named_parameters() if "embed" not in n and "lora_" not in n)
+    params = sum(
+        p.numel() for n, p in model.captioner.base_lm.named_parameters() if "embed" not in n and "lora_" not in n
+    )
     prefix = model.prefixes(feats[:1], captions[:1])[0].shape[1]
     suffix = model.query_ids(queries[:1])[0].shape[1]
     rows = {}

@@ -483,7 +483,7 @@ def test_preference_stage_takes_the_hf_visual_input(captioners, tmp_path, mp4_fa
     from types import SimpleNamespace
 
     from caredpo.data import load_dataset
-    from caredpo.dpo.prefs import PrefsConfig, build_preferences
+    from caredpo.dpo.prefs import PrefsConfig, RetrieverReward, build_preferences
     from caredpo.dpo.train import load_groups
 
     class Scorer:  # S(q, c) = shared words; the video part is ignored
@@ -504,7 +504,7 @@ def test_preference_stage_takes_the_hf_visual_input(captioners, tmp_path, mp4_fa
     frames = VideoFrames(ds, T, m.frame_size)
     path = build_preferences(
         m,
-        Scorer(),
+        RetrieverReward(Scorer(), Store()),
         ds,
         Store(),
         tmp_path / "prefs",

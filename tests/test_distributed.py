@@ -179,7 +179,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 def _scenarios(root: Path) -> None:
     from caredpo.captioner.generate import generate_captions
     from caredpo.cli import main
-    from caredpo.dpo.prefs import PrefsConfig, build_preferences
+    from caredpo.dpo.prefs import PrefsConfig, RetrieverReward, build_preferences
     from caredpo.retrieval.train import train_retriever
     from test_retriever import synthetic
 
@@ -193,7 +193,16 @@ def _scenarios(root: Path) -> None:
     )
     (root / f"restart_videos{dist.rank()}").write_text(str(counting.videos))
     cap, scorer, ds, store, greedy = _prefs_inputs()
-    build_preferences(cap, scorer, ds, store, root / "prefs2", greedy, PrefsConfig(num_samples=4), show_progress=False)
+    build_preferences(
+        cap,
+        RetrieverReward(scorer, store),
+        ds,
+        store,
+        root / "prefs2",
+        greedy,
+        PrefsConfig(num_samples=4),
+        show_progress=False,
+    )
 
 
 def _free_port() -> int:
@@ -343,11 +352,18 @@ def test_per_video_seeds_do_not_depend_on_the_batch(root):
 
 
 def test_sharded_preferences_equal_one_process(root):
-    from caredpo.dpo.prefs import PrefsConfig, build_preferences
+    from caredpo.dpo.prefs import PrefsConfig, RetrieverReward, build_preferences
 
     cap, scorer, ds, store, greedy = _prefs_inputs()
     one = build_preferences(
-        cap, scorer, ds, store, root / "prefs1", greedy, PrefsConfig(num_samples=4), show_progress=False
+        cap,
+        RetrieverReward(scorer, store),
+        ds,
+        store,
+        root / "prefs1",
+        greedy,
+        PrefsConfig(num_samples=4),
+        show_progress=False,
     )
     assert (root / "prefs2" / "groups.jsonl").read_bytes() == one.read_bytes()
     assert json.loads((root / "prefs2" / "prefs.json").read_text()) == json.loads(

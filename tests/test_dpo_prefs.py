@@ -11,6 +11,7 @@ import torch
 from caredpo.dpo.prefs import (
     GROUPS_FILE,
     PrefsConfig,
+    RetrieverReward,
     _contrastive,
     _rewards,
     build_preferences,
@@ -90,7 +91,13 @@ def built(tmp_path):
     store = Store([v.id for v in ds.videos])
     greedy = {v.id: "a red circle" for v in ds.videos}
     path = build_preferences(
-        ListCaptioner(), WordScorer(), ds, store, tmp_path / "p", greedy, PrefsConfig(num_samples=4)
+        ListCaptioner(),
+        RetrieverReward(WordScorer(), store),
+        ds,
+        store,
+        tmp_path / "p",
+        greedy,
+        PrefsConfig(num_samples=4),
     )
     return ds, store, greedy, path
 
@@ -119,7 +126,15 @@ def test_resume_after_a_partial_file_repeats_and_loses_nothing(built, tmp_path):
     part = tmp_path / "q" / GROUPS_FILE
     part.parent.mkdir()
     part.write_text("".join(lines[:5]) + lines[5][:10])  # a killed writer: 5 rows and a torn line
-    build_preferences(ListCaptioner(), WordScorer(), ds, store, part.parent, greedy, PrefsConfig(num_samples=4))
+    build_preferences(
+        ListCaptioner(),
+        RetrieverReward(WordScorer(), store),
+        ds,
+        store,
+        part.parent,
+        greedy,
+        PrefsConfig(num_samples=4),
+    )
     assert part.read_text() == full
 
 
@@ -127,7 +142,9 @@ def test_missing_greedy_caption_of_a_twin_is_a_clear_error(tmp_path):
     ds = dataset(groups=1)
     store = Store([v.id for v in ds.videos])
     with pytest.raises(DataError, match="no greedy caption"):
-        build_preferences(ListCaptioner(), WordScorer(), ds, store, tmp_path, {"v00": "x"}, PrefsConfig())
+        build_preferences(
+            ListCaptioner(), RetrieverReward(WordScorer(), store), ds, store, tmp_path, {"v00": "x"}, PrefsConfig()
+        )
 
 
 def test_without_groups_neighbours_come_from_the_embedding():
@@ -165,14 +182,16 @@ def test_reward_ranks_the_right_direction_above_the_twins():
     greedy = {"v0": "a red circle moves from left to right", "v1": "a red circle moves from right to left"}
     caps = ["a red circle moves from left to right", "a red circle moves from right to left", "a red circle"]
     for queries in ("specific", "all"):
-        r = _rewards(BigramScorer(), ds, store, "v0", caps, ["v1"], greedy, PrefsConfig(reward_queries=queries))
+        r = _rewards(
+            RetrieverReward(BigramScorer(), store), ds, "v0", caps, ["v1"], greedy, PrefsConfig(reward_queries=queries)
+        )
         assert r[0] > r[1] and r[0] > r[2]  # the right direction beats the twin's and beats saying nothing
     # only discriminative queries: the generic sentence, which every twin matches, is not a query
     sim = BigramScorer().similarity
     seen = []
     BigramScorer.similarity = lambda self, q, f, c: seen.append(q) or sim(q, f, c)
     try:
-        _rewards(BigramScorer(), ds, store, "v0", caps, ["v1"], greedy, PrefsConfig())
+        _rewards(RetrieverReward(BigramScorer(), store), ds, "v0", caps, ["v1"], greedy, PrefsConfig())
     finally:
         BigramScorer.similarity = sim.__func__
     assert seen == [["a red circle moves from left to right"]]

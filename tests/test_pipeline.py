@@ -17,6 +17,7 @@ from caredpo.pipeline.layout import RunLayout, TrainerFiles
 from caredpo.pipeline.presets import CAPTION_ARMS, RERANKERS, RETRIEVERS
 from caredpo.pipeline.report import ARM_RERANKERS, ARM_RETRIEVERS
 from caredpo.pipeline.stages import STAGES
+from caredpo.records import DataError
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,29 @@ def test_readme_stage_commands_reproduce_caredpo_run(smoke_run, tmp_path):
     want, got = (json.loads((r / "results.json").read_text()) for r in (smoke_run, run))
     assert got["arms"] == want["arms"]
     assert got["caption_factors"] == want["caption_factors"]
+
+
+def test_prefs_stage_with_the_reranker_as_reward(smoke_run, tmp_path):
+    """reward_model "reranker": the stage's rows carry the reranker's rewards (not the retriever's)."""
+    from dataclasses import replace
+
+    from caredpo.captioner.model import VideoCaptioner
+    from caredpo.data import load_dataset
+    from caredpo.features import FeatureStore
+    from caredpo.io import read_jsonl
+    from caredpo.pipeline.presets import run_config
+    from caredpo.pipeline.stages import REWARD_RERANKER, build_prefs
+
+    layout = RunLayout.load(smoke_run)
+    ds, store = load_dataset(layout.data), FeatureStore.load(layout.features)
+    cfg = replace(run_config("smoke").prefs, reward_model="reranker")
+    sft = VideoCaptioner.from_pretrained(layout.captioner_model("sft")).eval()
+    args = (sft, layout.retriever("role"), ds, store, tmp_path / "rr", layout.captions("sft", "train"), cfg)
+    summary = build_prefs(*args, reranker=layout.reranker(REWARD_RERANKER))
+    got = {r["video_id"]: r for r in read_jsonl(tmp_path / "rr" / "groups.jsonl")}
+    want = {r["video_id"]: r for r in read_jsonl(layout.groups)}
+    assert summary["videos"] == len(want) and set(got) == set(want)
+    assert all(got[v]["captions"] == want[v]["captions"] for v in want)  # the same samples ...
+    assert any(got[v]["rewards"] != want[v]["rewards"] for v in want)  # ... rewarded by another model
+    with pytest.raises(DataError, match="trained reranker"):
+        build_prefs(*args[:4], tmp_path / "none", *args[5:])

@@ -221,3 +221,16 @@ def model_log(folder):
     from caredpo.training import MetricsLog
 
     return MetricsLog(folder).rows()
+
+
+def test_reranker_reward_scores_every_query_against_every_candidate():
+    from caredpo.rerank.evaluate import RerankerReward
+
+    ds, by_id = twin_data(1)
+    m = reranker()
+    ids, caps = ["g0v0", "g0v0", "g0v1"], ["a red circle", "a blue square", None]
+    got = RerankerReward(m, Store(by_id), first_stage=None).logits(QUERIES[:2], ids, caps)
+    with torch.no_grad():
+        want = torch.stack([m.score(Store(by_id).grid_feats(ids), caps, [q] * 3) for q in QUERIES[:2]])
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -31,6 +31,9 @@ def prefs(
     ),
     model_path: Path | None = typer.Option(None, "--model-path", help="--captioner hf: local HF model folder"),
     retriever: Path = typer.Option(..., "--retriever", help="trained retriever folder (model/ inside is fine)"),
+    reranker: Path | None = typer.Option(
+        None, "--reranker", help="trained reranker folder: the reward with --reward-model reranker"
+    ),
     train_captions: Path = typer.Option(..., "--train-captions", help="greedy captions of training videos (jsonl)"),
     out: Path = typer.Option(..., "--out", help="output folder: groups.jsonl + prefs.json"),
     features: Path | None = typer.Option(None, "--features", help="features folder (default DATA/features)"),
@@ -60,6 +63,7 @@ def prefs(
             train_captions,
             cfg,
             visual=visual_input(reference, dataset, store),
+            reranker=reranker,
         )
         main = dist.is_main()
     path = out / GROUPS_FILE

@@ -7,7 +7,10 @@ retriever's video embedding) and reference sentences Q(v):
                             u in {v} + N(v); v carries c, each twin its own greedy caption
     relevance:              r(c | v) = mean_q S(q, v, c)
 
-S is the retriever's scaled cosine (logit scale x cosine). Each output row also stores the
+S is the reward model's logit (`PrefsConfig.reward_model`): the retriever's scaled cosine (logit
+scale x cosine, `RetrieverReward`) or the MLLM reranker's score (`rerank.evaluate.RerankerReward`).
+A reward model has `logits(queries, video_ids, captions) -> [Q, C]` and `embed(video_ids)` (video
+embeddings for the hard negatives of data without twin groups). Each output row also stores the
 reference log-probs the DG-DPO loss needs (every sampled caption under v, the best caption under
 each twin), so training holds no reference model. Rows are appended one twin group at a time
 and a rerun skips the videos already written (see `caredpo.dpo.train` for the row format).
@@ -49,6 +52,21 @@ REWARDS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "contrastive": _contrastive,
     "relevance": _relevance,
 }
+REWARD_MODELS = ("retriever", "reranker")  # the bi-encoder, or the MLLM reranker (rerank/)
+
+
+class RetrieverReward:
+    """The bi-encoder as the reward model: S(q, u, c) = logit scale x cosine of a retrieval `Scorer`."""
+
+    def __init__(self, scorer, store):
+        self.scorer, self.store = scorer, store
+
+    def logits(self, queries: list[str], video_ids: list[str], captions: list[str | None]) -> torch.Tensor:
+        sim = self.scorer.similarity(queries, self.store.global_feats(video_ids), captions)
+        return sim * self.scorer.model.logit_scale().item()
+
+    def embed(self, video_ids: list[str]) -> torch.Tensor:
+        return self.scorer.candidates(self.store.global_feats(video_ids))
 
 
 @dataclass(frozen=True)
@@ -58,6 +76,7 @@ class PrefsConfig:
     top_p: float = 0.95  # nucleus mass kept when sampling
     max_new_tokens: int = 32  # longest sampled caption, in tokens
     reward: str = "contrastive"  # key of REWARDS
+    reward_model: str = "retriever"  # REWARD_MODELS: whose S the reward uses (the reranker: presets that train one)
     # the q of the reward: "specific" sentences (those that tell twins apart; every sentence on
     # data sets that do not mark specificity) or "all" (records.SENTENCE_POOLS)
     reward_queries: str = "specific"
@@ -70,6 +89,8 @@ class PrefsConfig:
             raise ValueError(f"PrefsConfig.num_samples must be >= 2 to form pairs, got {self.num_samples}")
         if self.reward not in REWARDS:
             raise ValueError(f"PrefsConfig.reward must be one of {sorted(REWARDS)}, got {self.reward!r}")
+        if self.reward_model not in REWARD_MODELS:
+            raise ValueError(f"PrefsConfig.reward_model must be one of {REWARD_MODELS}, got {self.reward_model!r}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError("PrefsConfig: need temperature > 0 and 0 < top_p <= 1 (sampling, not greedy)")
         check_pool(self.reward_queries, "PrefsConfig.reward_queries")
@@ -94,7 +115,7 @@ def hard_negatives(
 
 def build_preferences(
     captioner,
-    scorer,
+    reward,
     dataset: Dataset,
     store,
     out_dir: str | Path,
@@ -105,7 +126,8 @@ def build_preferences(
 ) -> Path:
     """Write `out_dir/groups.jsonl` (+ `prefs.json` summary); resumes after the last whole unit.
 
-    captioner: a `Captioner` (the frozen SFT model = pi_ref). scorer: a retrieval `Scorer`.
+    captioner: a `Captioner` (the frozen SFT model = pi_ref). reward: a reward model
+    (`RetrieverReward`, `rerank.evaluate.RerankerReward`).
     store: a FeatureStore. greedy: video id -> the current greedy caption (the twins carry it).
     visual: ids -> the captioner's visual input (default `store.grid_feats`; an HF video MLLM
     takes frames, `HFVideoCaptioner.frames(dataset)`).
@@ -115,9 +137,7 @@ def build_preferences(
     out = Path(out_dir)
     path = out / GROUPS_FILE
     vids = preference_videos(dataset, config)
-    negatives = hard_negatives(
-        dataset, vids, lambda ids: scorer.candidates(store.global_feats(ids)), config.num_neighbours
-    )
+    negatives = hard_negatives(dataset, vids, reward.embed, config.num_neighbours)
     missing = sorted({u for v in vids for u in negatives[v]} - set(greedy))
     if missing:
         raise DataError(f"no greedy caption for hard-negative videos {missing[:3]} (run captions for train first)")
@@ -132,9 +152,7 @@ def build_preferences(
         total = sum(map(len, mine))
         task = bar.add_task("preferences", total=total, completed=total - sum(map(len, units)), unit="videos")
         for unit in units:
-            rows = _score_unit(
-                captioner, scorer, dataset, store, unit, negatives, greedy, config, visual or store.grid_feats
-            )
+            rows = _score_unit(captioner, reward, dataset, unit, negatives, greedy, config, visual or store.grid_feats)
             append_jsonl(target, [r for r in rows if r["video_id"] not in done])
             bar.advance(task, len(unit))
     if sharded:
@@ -163,7 +181,7 @@ def preference_videos(dataset: Dataset, config: PrefsConfig) -> list[str]:
 
 
 @torch.no_grad()
-def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, config, visual) -> list[dict]:
+def _score_unit(captioner, reward, dataset, unit, negatives, greedy, config, visual) -> list[dict]:
     grid = visual(unit)  # [U, ...]: e.g. grid features [U, T, 4, C]
     seed = config.seed * 1_000_003 + zlib.crc32(dataset.group_key(unit[0]).encode())
     samples = captioner.generate(
@@ -174,9 +192,7 @@ def _score_unit(captioner, scorer, dataset, store, unit, negatives, greedy, conf
         max_new_tokens=config.max_new_tokens,
         seed=seed,
     )
-    rewards = [
-        _rewards(scorer, dataset, store, v, samples[i], negatives[v], greedy, config) for i, v in enumerate(unit)
-    ]
+    rewards = [_rewards(reward, dataset, v, samples[i], negatives[v], greedy, config) for i, v in enumerate(unit)]
     best = [int(torch.argmax(r)) for r in rewards]
     # One log-prob pass for the unit: each sample under its own video, then each video's best
     # caption under each of its twins. Rows share a prefix pass per distinct video.
@@ -206,14 +222,11 @@ def _lengths(captioner, caps: list[str]) -> list[int]:
     return captioner.encode_captions(caps)[1].sum(1).tolist()
 
 
-def _rewards(scorer, dataset, store, v, caps, negs, greedy, config) -> torch.Tensor:
+def _rewards(reward, dataset, v, caps, negs, greedy, config) -> torch.Tensor:
     """[K] rewards of v's sampled captions against its twins carrying their greedy captions."""
-    k = len(caps)
-    feats = store.global_feats([v] * k + list(negs))  # [K + M, T, F]
-    sim = scorer.similarity(
-        SENTENCE_POOLS[config.reward_queries](dataset, v), feats, list(caps) + [greedy[u] for u in negs]
-    )
-    return REWARDS[config.reward](sim * scorer.model.logit_scale().item(), k)
+    queries = SENTENCE_POOLS[config.reward_queries](dataset, v)
+    logits = reward.logits(queries, [v] * len(caps) + list(negs), list(caps) + [greedy[u] for u in negs])
+    return REWARDS[config.reward](logits, len(caps))
 
 
 def summarize(rows: Sequence[dict], dataset: Dataset | None = None) -> dict:

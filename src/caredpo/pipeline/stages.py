@@ -21,6 +21,7 @@ from .presets import RERANKERS, RETRIEVERS, RunConfig
 
 TUNED_ARMS = ("sft", "dpo", "dg_dpo")  # caption arms written by a captioner of ours
 ROLE_RETRIEVER = "role"  # the retriever whose scores are the preference stage's reward
+REWARD_RERANKER = "rerank_role"  # the reranker that gives it where PrefsConfig.reward_model is "reranker"
 
 
 # ---- the stage functions (one path for the pipeline and the stage commands) ---------------------
@@ -159,19 +160,35 @@ def train_one_reranker(
 
 
 def build_prefs(
-    captioner, retriever: Path, dataset: Dataset, store, out: Path, train_captions: Path, config, visual=None
+    captioner,
+    retriever: Path,
+    dataset: Dataset,
+    store,
+    out: Path,
+    train_captions: Path,
+    config,
+    visual=None,
+    reranker: Path | None = None,
 ) -> dict:
     """Preference groups (`PrefsConfig`): K samples of `captioner` (= pi_ref) per training video,
-    rewarded by the retriever in `retriever`; the twins carry their captions from `train_captions`."""
+    rewarded by the retriever in `retriever`, or (reward_model "reranker") by the reranker in
+    `reranker`; the twins carry their captions from `train_captions`."""
     from ..captioner.generate import first_captions, load_captions
-    from ..dpo.prefs import build_preferences, summarize
+    from ..dpo.prefs import RetrieverReward, build_preferences, summarize
     from ..io import read_jsonl
     from ..retrieval.model import Retriever
     from ..retrieval.score import Scorer
 
     greedy = first_captions(load_captions(train_captions))
-    scorer = Scorer(Retriever.from_pretrained(model_dir(retriever)).eval())
-    path = build_preferences(captioner, scorer, dataset, store, out, greedy, config, visual=visual)
+    reward = RetrieverReward(Scorer(Retriever.from_pretrained(model_dir(retriever)).eval()), store)
+    if config.reward_model == "reranker":
+        from ..rerank.evaluate import RerankerReward
+        from ..rerank.model import Reranker
+
+        if reranker is None or not (model_dir(reranker) / "config.json").exists():
+            raise DataError(f"reward_model 'reranker' needs a trained reranker folder (got {reranker})")
+        reward = RerankerReward(Reranker.from_pretrained(model_dir(reranker)), store, reward)
+    path = build_preferences(captioner, reward, dataset, store, out, greedy, config, visual=visual)
     return summarize(list(read_jsonl(path)), dataset)
 
 
@@ -299,6 +316,7 @@ def _prefs(ctx: RunContext) -> dict:
         ctx.layout.prefs,
         ctx.layout.captions("sft", "train"),
         ctx.config.prefs,
+        reranker=ctx.layout.reranker(REWARD_RERANKER),
     )
 
 

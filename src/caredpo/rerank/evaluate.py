@@ -74,3 +74,27 @@ def evaluate_reranked(
     out = two_stage_metrics(first, q2v, groups, scorer, k)
     out.update(k=k, split=split, n_videos=len(vids), n_queries=len(texts), variant=reranker.config.variant)
     return out
+
+
+class RerankerReward:
+    """The reranker as the preference stage's reward model (`dpo.prefs`): S(q, u, c) = its score
+    of query q against video u carrying caption c. Video embeddings (the hard negatives of data
+    without twin groups) come from a first-stage reward model (`dpo.prefs.RetrieverReward`)."""
+
+    def __init__(self, reranker: Reranker, store, first_stage):
+        self.reranker, self.store, self.first_stage = reranker.eval(), store, first_stage
+
+    @torch.no_grad()
+    def logits(self, queries: list[str], video_ids: list[str], captions: list[str | None]) -> torch.Tensor:
+        """[Q, C]: every query against every (video, caption) candidate; each prefix runs once."""
+        C = len(video_ids)
+        flat = self.reranker.score_pairs(
+            self.store.grid_feats(video_ids),
+            captions,
+            [q for q in queries for _ in range(C)],
+            torch.arange(C).repeat(len(queries)),
+        )
+        return flat.reshape(len(queries), C).cpu()
+
+    def embed(self, video_ids: list[str]) -> torch.Tensor:
+        return self.first_stage.embed(video_ids)
