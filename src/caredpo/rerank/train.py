@@ -72,12 +72,6 @@ class RerankerTrainConfig:
         check_pool(self.query_sentences, "RerankerTrainConfig.query_sentences")
         check_pool(self.caption_sentences, "RerankerTrainConfig.caption_sentences")
 
-    @classmethod
-    def from_dict(cls, d: Mapping) -> RerankerTrainConfig:
-        d = dict(d)
-        d["model"] = RerankerConfig.from_dict(d.get("model", {}))
-        return cls(**d)
-
 
 # ---- data ------------------------------------------------------------------------------------
 
