@@ -128,13 +128,12 @@ def first_stage_neighbours(
     from ..captioner.generate import first_captions, load_captions
     from ..retrieval.model import Retriever
     from ..retrieval.score import Scorer
+    from ..retrieval.search import neighbours
 
     model = Retriever.from_pretrained(model_dir(retriever)).eval()
     caps = first_captions(load_captions(captions)) if captions is not None and model.config.use_caption else {}
     emb = Scorer(model).candidates(store.global_feats(ids), [caps.get(v) for v in ids] if caps else None)
-    sim = (emb @ emb.T).fill_diagonal_(float("-inf"))
-    near = sim.topk(min(n, len(ids) - 1), dim=1).indices.tolist()
-    return {v: [ids[j] for j in row] for v, row in zip(ids, near)}
+    return {v: [ids[j] for j in row] for v, row in zip(ids, neighbours(emb, n).tolist())}
 
 
 def train_one_reranker(
