@@ -70,6 +70,7 @@ def evaluate_run(
 
     seed = run_seed(layout) if seed is None else seed
     scorers: dict[str, Scorer] = {}  # one per retriever: its query vectors are cached across arms
+    rerankers: dict = {}  # one per reranker, loaded once for every arm
     arms: dict[str, dict] = {}
     by_arm: dict[str, dict | None] = {}  # the captions each arm was evaluated with
     for arm in CAPTION_ARMS:
@@ -81,7 +82,7 @@ def evaluate_run(
             arms[arm][name] = evaluate(
                 scorers[name].model, dataset, store, captions, "test", queries, scorer=scorers[name]
             )
-        arms[arm].update(_reranked_rows(layout, arm, dataset, store, captions, queries, scorers))
+        arms[arm].update(_reranked_rows(layout, arm, dataset, store, captions, queries, scorers, rerankers))
     for rows in arms.values():
         for m in rows.values():
             if not math.isfinite(m["twin_acc"]):  # no test video has a twin: nothing to report
@@ -98,8 +99,11 @@ def evaluate_run(
     return arms
 
 
-def _reranked_rows(layout: RunLayout, arm: str, dataset, store, captions, queries, scorers) -> dict[str, dict]:
-    """The two-stage rows of one arm: each reranker the run has re-orders its first stage's top k."""
+def _reranked_rows(
+    layout: RunLayout, arm: str, dataset, store, captions, queries, scorers, rerankers: dict
+) -> dict[str, dict]:
+    """The two-stage rows of one arm: each reranker the run has re-orders its first stage's top k.
+    rerankers: name -> loaded `Reranker`, filled as they are first needed (shared across arms)."""
     from ..io import read_json
     from ..rerank.evaluate import evaluate_reranked
     from ..rerank.model import Reranker
@@ -115,9 +119,9 @@ def _reranked_rows(layout: RunLayout, arm: str, dataset, store, captions, querie
             scorers[first].model if first in scorers else Retriever.from_pretrained(layout.retriever_model(first))
         )
         k = read_json(layout.reranker(name) / "train_config.json")["k"]
-        rows[name] = evaluate_reranked(
-            Reranker.from_pretrained(folder), retriever.eval(), dataset, store, captions, "test", queries, k
-        )
+        if name not in rerankers:
+            rerankers[name] = Reranker.from_pretrained(folder)
+        rows[name] = evaluate_reranked(rerankers[name], retriever.eval(), dataset, store, captions, "test", queries, k)
     return rows
 
 
