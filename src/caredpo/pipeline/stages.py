@@ -120,18 +120,17 @@ def train_one_retriever(
     return metrics
 
 
-def first_stage_neighbours(
-    retriever: Path, dataset: Dataset, store, ids: list[str], captions: Path | None, n: int = 16
-):
-    """{video id: its n nearest other videos among `ids`} in the retriever's candidate space
-    (`captions`: their generated captions): the rerankers' hard negatives."""
-    from ..captioner.generate import first_captions, load_captions
+def first_stage_neighbours(retriever: Path, store, ids: list[str], pool: dict[str, list[str]] | None, n: int = 16):
+    """{video id: its n nearest other videos among `ids`} in the retriever's candidate space, each
+    candidate with its first generated caption from `pool` (`load_captions`): the rerankers' hard
+    negatives."""
+    from ..captioner.generate import first_captions
     from ..retrieval.model import Retriever
     from ..retrieval.score import Scorer
     from ..retrieval.search import neighbours
 
     model = Retriever.from_pretrained(model_dir(retriever)).eval()
-    caps = first_captions(load_captions(captions)) if captions is not None and model.config.use_caption else {}
+    caps = first_captions(pool) if pool is not None and model.config.use_caption else {}
     emb = Scorer(model).candidates(store.global_feats(ids), [caps.get(v) for v in ids] if caps else None)
     return {v: [ids[j] for j in row] for v, row in zip(ids, neighbours(emb, n).tolist())}
 
@@ -151,8 +150,8 @@ def train_one_reranker(
     if resume and files.finished:
         return read_json(files.metrics)
     ids = split_ids(dataset, store, config.train_split)
-    negatives = first_stage_neighbours(first_stage, dataset, store, ids, captions)
     pool = load_captions(captions) if captions is not None else None
+    negatives = first_stage_neighbours(first_stage, store, ids, pool)
     policy = VideoCaptioner.from_pretrained(model_dir(captioner))
     _, metrics = train_reranker(config, policy, dataset, store, out, negatives, pool, resume=resume)
     return metrics

@@ -23,6 +23,7 @@ import torch
 
 from ..io import write_json
 from ..records import SENTENCE_POOLS, DataError, Dataset, check_pool
+from ..retrieval.train import epoch_batches
 from ..training import (
     CONFIG_FILE,
     SUMMARY_FILE,
@@ -121,9 +122,8 @@ def step_units(units: list[list[str]], cfg: RerankerTrainConfig, step: int) -> l
     """The units of `step`: a seeded order of all units per pass, `units_per_step` at a time."""
     per_epoch = max(1, len(units) // cfg.units_per_step)
     epoch, k = divmod(step, per_epoch)
-    order = list(range(len(units)))
-    random.Random(f"{cfg.seed}-{epoch}").shuffle(order)
-    return [units[i] for i in order[k * cfg.units_per_step : (k + 1) * cfg.units_per_step]]
+    order = epoch_batches(units, 1, cfg.seed, epoch)  # the retriever's seeded order, one unit a batch
+    return order[k * cfg.units_per_step : (k + 1) * cfg.units_per_step]
 
 
 # ---- step ------------------------------------------------------------------------------------
@@ -144,10 +144,10 @@ def list_scores(model: Reranker, lists: Sequence[UnitList], grid_feats: Callable
     flat = model.score_pairs(grid_feats(videos), caps, queries, torch.tensor(cand))
     L = max(rows)
     scores = torch.zeros(len(rows), L, device=flat.device)
-    mask = torch.arange(L)[None] < torch.tensor(rows)[:, None]
-    scores[mask.to(flat.device)] = flat
+    mask = (torch.arange(L)[None] < torch.tensor(rows)[:, None]).to(flat.device)
+    scores[mask] = flat
     positives = torch.tensor([p for ul in lists for p in ul.positives])
-    return scores, mask.to(flat.device), positives.to(flat.device)
+    return scores, mask, positives.to(flat.device)
 
 
 def make_optimizer(model: Reranker, cfg: RerankerTrainConfig) -> torch.optim.AdamW:
