@@ -108,6 +108,25 @@ def test_eval_run_on_user_queries(smoke_run, tmp_path):
             assert m["n_queries"] == 12 and m["n_videos"] == 12  # 6 videos x 2 queries; all 12 compete
 
 
+def test_eval_with_a_reranker_gives_the_runs_reranked_row(smoke_run, tmp_path, capsys):
+    """`caredpo eval --model --data --captions --reranker` = the run's two-stage row of that arm."""
+    from caredpo.pipeline.presets import RERANKERS
+
+    layout = RunLayout.load(smoke_run)
+    first_stage = RERANKERS["rerank_role"][1]
+    out = tmp_path / "two_stage.json"
+    args = ["eval", "--model", str(layout.retriever(first_stage) / "model"), "--data", str(smoke_run / "data")]
+    args += ["--captions", str(layout.captions("dg_dpo", "test")), "--reranker", str(layout.reranker("rerank_role"))]
+    assert main([*args, "--k", "8", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())["reranked"]
+    want = json.loads((smoke_run / "results.json").read_text())["arms"]["dg_dpo"]["rerank_role"]
+    assert got["k"] == want["k"] == 8 and got["pairs_scored"] == want["pairs_scored"]
+    for d in ("t2v", "v2t"):
+        assert got[d] == pytest.approx(want[d])
+    assert got["twin_acc"] == pytest.approx(want["twin_acc"])
+    assert "reranking top 8" in capsys.readouterr().out
+
+
 def test_aggregate_over_seeds_by_hand():
     from caredpo.pipeline.report import aggregate
 

@@ -177,7 +177,7 @@ def test_training_lowers_the_loss_moves_lora_and_roles_and_leaves_the_base(tmp_p
     base = {n: p.detach().clone() for n, p in captioner.named_parameters() if "lora_" not in n}
     lora = {n: p.detach().clone() for n, p in captioner.named_parameters() if "lora_" in n}
     cfg = RerankerTrainConfig(steps=30, units_per_step=3, candidates=4, lr=3e-3, head_lr=3e-2, warmup_steps=0)
-    model, metrics = train_reranker(cfg, captioner, ds, Store(by_id), tmp_path / "rr", progress=False)
+    model, metrics = train_reranker(cfg, captioner, ds, Store(by_id).grid_feats, tmp_path / "rr", progress=False)
     losses = [r["loss"] for r in model_log(tmp_path / "rr")]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert all(torch.equal(p, base[n]) for n, p in model.captioner.named_parameters() if n in base)
@@ -194,7 +194,13 @@ def test_training_resumes_to_the_same_weights(tmp_path):
         torch.manual_seed(0)
 
         return train_reranker(
-            replace(cfg, steps=steps), VideoCaptioner(TINY), ds, Store(by_id), out, resume=resume, progress=False
+            replace(cfg, steps=steps),
+            VideoCaptioner(TINY),
+            ds,
+            Store(by_id).grid_feats,
+            out,
+            resume=resume,
+            progress=False,
         )[0]
 
     whole = run(tmp_path / "a", 6)
@@ -229,7 +235,7 @@ def test_reranker_reward_scores_every_query_against_every_candidate():
     ds, by_id = twin_data(1)
     m = reranker()
     ids, caps = ["g0v0", "g0v0", "g0v1"], ["a red circle", "a blue square", None]
-    got = RerankerReward(m, Store(by_id), first_stage=None).logits(QUERIES[:2], ids, caps)
+    got = RerankerReward(m, Store(by_id).grid_feats, first_stage=None).logits(QUERIES[:2], ids, caps)
     with torch.no_grad():
         want = torch.stack([m.score(Store(by_id).grid_feats(ids), caps, [q] * 3) for q in QUERIES[:2]])
     assert got.shape == (2, 3)

@@ -6,6 +6,7 @@ without touching them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -34,3 +35,26 @@ class Captioner(Protocol):
         """Summed log p(caption tokens | video, prompt) -> [B], one caption per video.
         Differentiable w.r.t. trainable parameters; padding and prompt are masked out."""
         ...
+
+
+def load_captioner(captioner: str | Path, model_path: str | Path | None = None):
+    """Our captioner from its folder, or (captioner "hf") a Hugging Face video MLLM (Qwen2-VL,
+    Qwen2.5-VL, LLaVA-OneVision; family from its config.json) from the local folder `model_path`,
+    which may also be a folder `caredpo dpo` saved (base path + LoRA adapter)."""
+    if str(captioner) == "hf":
+        if model_path is None:
+            raise ValueError("captioner 'hf' needs a model path (a local Hugging Face model folder)")
+        from .hf import HFVideoCaptioner
+
+        return HFVideoCaptioner.from_pretrained(model_path)
+    if model_path is not None:
+        raise ValueError("a model path is only used with captioner 'hf'")
+    from .model import VideoCaptioner
+
+    return VideoCaptioner.from_pretrained(captioner)
+
+
+def visual_source(captioner, dataset, store):
+    """ids -> the captioner's visual input: decoded frames for an HF MLLM (it has `frames`), else
+    the store's grid features."""
+    return captioner.frames(dataset) if hasattr(captioner, "frames") else store.grid_feats

@@ -166,20 +166,27 @@ class HFVideoCaptioner(PrefixCaptioner):
             features = features[:, torch.linspace(0, features.shape[1] - 1, T).round().long()]
         return features
 
+    def video_embeds(self, frames: torch.Tensor) -> torch.Tensor:
+        """Clips [U, T, 3, H, W] (as `visual_input` returns them) -> visual tokens [U, N, d]."""
+        x = fam.normalise(frames.to(self.device), self.frame_size, self.mean, self.std).to(self.dtype)
+        with torch.no_grad():  # the vision tower is frozen: keep no activations for it
+            vis = self.spec.video_embeds(self.inner, self.spec.vision_inputs(self.hf_config, x))
+        if vis.shape[1] != self.num_video_tokens:
+            raise RuntimeError(
+                f"vision tower gave {vis.shape[1]} tokens a clip, the prompt holds {self.num_video_tokens}"
+            )
+        return vis.to(self.dtype)
+
     def prefill(self, frames: torch.Tensor):
         """Run the prefix of distinct clips [U, T, 3, H, W]: (last hidden state [U, d], KV cache)."""
         from transformers import DynamicCache
 
-        x = fam.normalise(frames.to(self.device), self.frame_size, self.mean, self.std).to(self.dtype)
-        with torch.no_grad():  # the vision tower is frozen: keep no activations for it
-            vis = self.spec.video_embeds(self.inner, self.spec.vision_inputs(self.hf_config, x))  # [U, N, d]
-        U, N = vis.shape[:2]
-        if N != self.num_video_tokens:
-            raise RuntimeError(f"vision tower gave {N} tokens a clip, the prompt holds {self.num_video_tokens}")
+        vis = self.video_embeds(frames)
+        U = vis.shape[0]
         emb = torch.cat(
             [
                 self.embed(self.head_ids).expand(U, -1, -1),
-                vis.to(self.dtype),
+                vis,
                 self.embed(self.tail_ids).expand(U, -1, -1),
             ],
             1,

@@ -58,22 +58,12 @@ def load_data(data: Path, features: Path | None, seed: int):
 
 
 def load_captioner(captioner: str | Path, model_path: Path | None = None):
-    """`--captioner FOLDER` (our captioner) or `--captioner hf --model-path PATH`: a Hugging Face
-    video MLLM (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision; family from its config.json) from a local
-    folder, or a folder `caredpo dpo` saved (base path + LoRA adapter)."""
-    if str(captioner) == "hf":
-        if model_path is None:
-            raise typer.BadParameter("--captioner hf needs --model-path PATH (a local Hugging Face model folder)")
-        from ..captioner.hf import HFVideoCaptioner
+    """`--captioner FOLDER` (our captioner) or `--captioner hf --model-path PATH` (a Hugging Face
+    video MLLM; `caredpo.captioner.base.load_captioner`)."""
+    from ..captioner.base import load_captioner as load
 
-        return HFVideoCaptioner.from_pretrained(model_path)
-    if model_path is not None:
+    if str(captioner) == "hf" and model_path is None:
+        raise typer.BadParameter("--captioner hf needs --model-path PATH (a local Hugging Face model folder)")
+    if str(captioner) != "hf" and model_path is not None:
         raise typer.BadParameter("--model-path is only used with --captioner hf")
-    from ..captioner.model import VideoCaptioner
-
-    return VideoCaptioner.from_pretrained(captioner)
-
-
-def visual_input(captioner, dataset, store):
-    """ids -> the captioner's visual input: decoded frames for an HF MLLM, else grid features."""
-    return captioner.frames(dataset) if hasattr(captioner, "frames") else store.grid_feats
+    return load(captioner, model_path)

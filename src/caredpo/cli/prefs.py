@@ -47,8 +47,9 @@ def prefs(
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
     from .. import dist
+    from ..captioner.base import visual_source
     from ..pipeline.stages import build_prefs
-    from .common import load_captioner, load_data, visual_input
+    from .common import load_captioner, load_data
 
     cfg = overrides.apply("prefs", preset_config(preset, seed).prefs)
     dataset, store = load_data(data, features, seed)
@@ -62,7 +63,7 @@ def prefs(
             out,
             train_captions,
             cfg,
-            visual=visual_input(reference, dataset, store),
+            visual=visual_source(reference, dataset, store),
             reranker=reranker,
         )
         main = dist.is_main()

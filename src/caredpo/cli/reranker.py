@@ -19,7 +19,12 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train the ML
 def train(
     data: Path = typer.Option(..., "--data", help="Data folder (any supported layout)."),
     features: Path | None = typer.Option(None, "--features", help="Features folder (default: DATA/features)."),
-    captioner: Path = typer.Option(..., "--captioner", help="Captioner folder to start from (the SFT one)."),
+    captioner: Path = typer.Option(
+        ..., "--captioner", help="Captioner folder to start from (the SFT one), or `hf` with --model-path."
+    ),
+    model_path: Path | None = typer.Option(
+        None, "--model-path", help="--captioner hf: a local Hugging Face video MLLM folder (Qwen2-VL, ...)."
+    ),
     first_stage: Path = typer.Option(..., "--first-stage", help="Retriever folder whose neighbours are the negatives."),
     out: Path = typer.Option(..., "--out", help="Run folder: log.jsonl, checkpoint/, model/, metrics.json."),
     name: str = typer.Option("rerank_role", "--name", help="rerank_role, rerank_no_role or rerank_no_caption."),
@@ -36,6 +41,8 @@ def train(
     from ..pipeline.stages import train_one_reranker
 
     set_threads(threads)
+    if (str(captioner) == "hf") != (model_path is not None):
+        raise typer.BadParameter("--captioner hf goes with --model-path PATH, and --model-path only with it")
     config = preset_config(preset, seed)
     if name not in RERANKERS:
         raise DataError(f"--name {name!r}: choose one of {sorted(RERANKERS)}")
@@ -44,5 +51,5 @@ def train(
         return
     cfg = overrides.apply("reranker", config.reranker_config(name))
     dataset, store = load_data(data, features, seed)
-    metrics = train_one_reranker(cfg, captioner, dataset, store, out, first_stage, captions, resume=resume)
+    metrics = train_one_reranker(cfg, captioner, dataset, store, out, first_stage, captions, resume, model_path)
     typer.echo(f"{name}: final list accuracy {metrics.get('list_accuracy')}; {out / 'model'}")

@@ -70,6 +70,10 @@ def evaluate_cmd(
     queries: Path | None = typer.Option(
         None, "--queries", help="JSON {video_id: [sentence, ...]} replacing the built-in queries."
     ),
+    reranker: Path | None = typer.Option(
+        None, "--reranker", help="Reranker folder (`caredpo reranker train`): also the two-stage ranking."
+    ),
+    k: int = typer.Option(16, "--k", help="--reranker: the first-stage top k it re-orders."),
     out: Path | None = typer.Option(None, "--out", help="Write the metrics JSON here."),
     seed: int = typer.Option(0, "--seed", help="Draw of the reference captions."),
     batch_size: int = typer.Option(64, "--batch-size"),
@@ -96,7 +100,16 @@ def evaluate_cmd(
     retriever = Retriever.from_pretrained(model).to(device)
     result = evaluate(retriever, dataset, store, caps, split=split, queries=q, scorer=Scorer(retriever, batch_size))
     result.update(model=str(model), captions=captions or "none", queries=str(queries) if queries else "built-in")
-    _print_table({f"{retriever.config.variant} / {captions or 'none'}": result})
+    rows = {f"{retriever.config.variant} / {captions or 'none'}": result}
+    if reranker is not None:
+        from ..pipeline.stages import model_dir
+        from ..rerank.evaluate import evaluate_reranked
+        from ..rerank.model import Reranker
+
+        rr = Reranker.from_pretrained(model_dir(reranker), device=device)
+        result["reranked"] = evaluate_reranked(rr, retriever.eval(), dataset, store, caps, split, q, k)
+        rows[f"{rr.config.variant} reranking top {k}"] = result["reranked"]
+    _print_table(rows)
     if out:
         write_json(out, result)
         typer.echo(str(out))

@@ -136,13 +136,22 @@ def first_stage_neighbours(retriever: Path, store, ids: list[str], pool: dict[st
 
 
 def train_one_reranker(
-    config, captioner: Path, dataset: Dataset, store, out: Path, first_stage: Path, captions: Path | None, resume: bool
+    config,
+    captioner: Path | str,
+    dataset: Dataset,
+    store,
+    out: Path,
+    first_stage: Path,
+    captions: Path | None,
+    resume: bool,
+    model_path: Path | None = None,
 ) -> dict:
-    """Train a reranker (`RerankerTrainConfig`) from the captioner in `captioner` into `out`; hard
-    negatives from the retriever in `first_stage`, the captions jsonl `captions` mixed into the
-    auxiliary-caption draws. A finished one is kept."""
+    """Train a reranker (`RerankerTrainConfig`) from the captioner in `captioner` (or "hf" and a
+    Hugging Face video MLLM in `model_path`) into `out`; hard negatives from the retriever in
+    `first_stage`, the captions jsonl `captions` mixed into the auxiliary-caption draws. A finished
+    one is kept."""
+    from ..captioner.base import load_captioner, visual_source
     from ..captioner.generate import load_captions
-    from ..captioner.model import VideoCaptioner
     from ..io import read_json
     from ..rerank.train import train_reranker
 
@@ -152,8 +161,9 @@ def train_one_reranker(
     ids = split_ids(dataset, store, config.train_split)
     pool = load_captions(captions) if captions is not None else None
     negatives = first_stage_neighbours(first_stage, store, ids, pool)
-    policy = VideoCaptioner.from_pretrained(model_dir(captioner))
-    _, metrics = train_reranker(config, policy, dataset, store, out, negatives, pool, resume=resume)
+    policy = load_captioner(captioner if str(captioner) == "hf" else model_dir(captioner), model_path)
+    visual = visual_source(policy, dataset, store)
+    _, metrics = train_reranker(config, policy, dataset, visual, out, negatives, pool, resume=resume)
     return metrics
 
 
@@ -180,12 +190,14 @@ def build_prefs(
     greedy = first_captions(load_captions(train_captions))
     reward = RetrieverReward(Scorer(Retriever.from_pretrained(model_dir(retriever)).eval()), store)
     if config.reward_model == "reranker":
+        from ..captioner.base import visual_source
         from ..rerank.evaluate import RerankerReward
         from ..rerank.model import Reranker
 
         if reranker is None or not (model_dir(reranker) / "config.json").exists():
             raise DataError(f"reward_model 'reranker' needs a trained reranker folder (got {reranker})")
-        reward = RerankerReward(Reranker.from_pretrained(model_dir(reranker)), store, reward)
+        rr = Reranker.from_pretrained(model_dir(reranker))
+        reward = RerankerReward(rr, visual_source(rr.captioner, dataset, store), reward)
     path = build_preferences(captioner, reward, dataset, store, out, greedy, config, visual=visual)
     return summarize(list(read_jsonl(path)), dataset)
 

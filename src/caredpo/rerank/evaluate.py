@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..captioner.base import visual_source
 from ..retrieval.model import Retriever
 from ..retrieval.score import similarity_matrix, split_queries
 from .model import Reranker
@@ -19,13 +20,14 @@ from .two_stage import PairScorer, two_stage_metrics
 
 def pair_scorer(
     model: Reranker,
-    grid_feats,
+    visual,
     video_ids: Sequence[str],
     captions: Sequence[str | None],
     queries: Sequence[str],
     videos_per_call: int = 16,
 ) -> PairScorer:
-    """(query index [N], video index [N]) -> reranker scores [N], without gradients."""
+    """(query index [N], video index [N]) -> reranker scores [N], without gradients. visual: video
+    ids -> the reranker's visual input."""
 
     @torch.no_grad()
     def score(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -39,7 +41,7 @@ def pair_scorer(
             ids = [video_ids[j] for j in chunk.tolist()]
             out[rows] = (
                 model.score_pairs(
-                    grid_feats(ids),
+                    visual(ids),
                     [captions[j] for j in chunk.tolist()],
                     [queries[j] for j in q[rows].tolist()],
                     local,
@@ -70,7 +72,7 @@ def evaluate_reranked(
         retriever, texts, store.global_feats(vids), caps if retriever.config.use_caption else None
     )
     groups = [dataset.by_id[v].group for v in vids]
-    scorer = pair_scorer(reranker, store.grid_feats, vids, caps, texts)
+    scorer = pair_scorer(reranker, visual_source(reranker.captioner, dataset, store), vids, caps, texts)
     out = two_stage_metrics(first, q2v, groups, scorer, k)
     out.update(k=k, split=split, n_videos=len(vids), n_queries=len(texts), variant=reranker.config.variant)
     return out
@@ -81,15 +83,16 @@ class RerankerReward:
     of query q against video u carrying caption c. Video embeddings (the hard negatives of data
     without twin groups) come from a first-stage reward model (`dpo.prefs.RetrieverReward`)."""
 
-    def __init__(self, reranker: Reranker, store, first_stage):
-        self.reranker, self.store, self.first_stage = reranker.eval(), store, first_stage
+    def __init__(self, reranker: Reranker, visual, first_stage):
+        """visual: video ids -> the reranker's visual input (`captioner.base.visual_source`)."""
+        self.reranker, self.visual, self.first_stage = reranker.eval(), visual, first_stage
 
     @torch.no_grad()
     def logits(self, queries: list[str], video_ids: list[str], captions: list[str | None]) -> torch.Tensor:
         """[Q, C]: every query against every (video, caption) candidate; each prefix runs once."""
         C = len(video_ids)
         flat = self.reranker.score_pairs(
-            self.store.grid_feats(video_ids),
+            self.visual(video_ids),
             captions,
             [q for q in queries for _ in range(C)],
             torch.arange(C).repeat(len(queries)),

@@ -14,8 +14,10 @@ once per candidate (candidates batched, left-padded) and its KV cache is extende
 (right-padded) in `score_pairs`; positions and the attention mask make that equal to one unpadded
 pass per (candidate, query) (tests/test_rerank.py).
 
-The reranker starts from a captioner (`VideoCaptioner`: projector, LM, LoRA), usually the SFT one,
-which already reads visual tokens; training moves its LoRA, the role table and the score head.
+The reranker starts from a captioner, usually the SFT one, which already reads visual tokens: our
+`VideoCaptioner` (projector, SmolLM2, LoRA) or a Hugging Face video MLLM (`HFVideoCaptioner`:
+Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision), seen through `backbone.py`; training moves its LoRA, the role
+table and the score head.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import precision
-from ..captioner.model import CHAT_FORMATS, VideoCaptioner
 from ..folders import staged_dir
 from ..io import read_json, write_json
 from ..records import DataError
+from .backbone import BACKBONES, backbone
 
 FORMAT = "caredpo-reranker-v1"
 ROLES = ("video", "caption", "query")  # rows of the role table
@@ -41,7 +43,7 @@ VARIANTS = {"no_caption": (False, False), "caption": (True, False), "caption_rol
 
 def _yes_no(model: Reranker, h: Tensor) -> Tensor:
     """log-odds of "Yes" over "No" as the next token (LamRA's rerank form): [R, d] -> [R]."""
-    w = model.captioner.lm_head.weight[model.answer_ids]  # [2, d]
+    w = model.backbone.lm_head.weight[model.answer_ids]  # [2, d]
     logits = h @ w.T.to(h.dtype)
     return logits[:, 0] - logits[:, 1]
 
@@ -92,27 +94,27 @@ class RerankerConfig:
 
 
 class Reranker(nn.Module):
-    def __init__(self, config: RerankerConfig, captioner: VideoCaptioner):
+    def __init__(self, config: RerankerConfig, captioner):
         super().__init__()
         self.config, self.captioner = config, captioner
+        self.backbone = backbone(captioner)
         d = captioner.embed.embedding_dim
         self.roles = nn.Embedding(len(ROLES), d)
         nn.init.zeros_(self.roles.weight)  # step 0 = the model without roles
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.head = nn.Linear(d, 1) if config.score == "linear" else None
-        tok = captioner.tokenizer
-        _, tail = CHAT_FORMATS[captioner.config.chat_format]
-        self.tail_ids = self._ids(tail.format(prompt=config.prompt))
+        self.tail_ids = self._ids(self.backbone.tail.format(prompt=config.prompt))
         self.sep_ids = self._ids("\n")
         answers = [self._ids(a) for a in config.answers]
         if answers[0][:1] == answers[1][:1]:
             raise ValueError(f"RerankerConfig.answers {config.answers} start with the same token")
         self.register_buffer("answer_ids", torch.tensor([a[0] for a in answers]), persistent=False)
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = self.backbone.pad_id
+        self.to(captioner.device)  # the new parts (roles, head) join the captioner's device
 
     def _ids(self, text: str) -> list[int]:
-        return self.captioner.tokenizer(text, add_special_tokens=False).input_ids
+        return self.backbone.tokenizer(text, add_special_tokens=False).input_ids
 
     @property
     def device(self) -> torch.device:
@@ -120,7 +122,7 @@ class Reranker(nn.Module):
 
     def set_trainable(self) -> None:
         """LoRA, the role table (caption_role) and the linear head train; base LM and projector stay."""
-        self.captioner.set_trainable(projector=False, lora=True)
+        self.backbone.set_trainable()
         self.roles.requires_grad_(self.config.roles)
         if self.head is not None:
             self.head.requires_grad_(True)
@@ -140,15 +142,16 @@ class Reranker(nn.Module):
         return self.sep_ids + self._ids(text)[:limit] if text else []
 
     def prefixes(self, features: Tensor, captions: Sequence[str | None]) -> tuple[Tensor, Tensor]:
-        """[U, T, G, C] + U captions -> left-padded prefix embeddings [U, P, d] and mask [U, P]."""
-        cap = self.captioner
-        vis = cap.projector(cap.visual_input(features)) + self._role("video")  # [U, V, d]
-        head = cap.embed(cap.head_ids)
+        """U visual inputs + U captions -> left-padded prefix embeddings [U, P, d] and mask [U, P]."""
+        bb = self.backbone
+        vis = bb.visual(features) + self._role("video")  # [U, V, d]
+        head, close = bb.embed(bb.head_ids), bb.embed(bb.close_ids)
         texts = captions if self.config.use_caption else [None] * len(vis)
         rows = []
         for u, text in enumerate(texts):
             ids = torch.tensor(self._span(text, self.config.max_caption_tokens), dtype=torch.long, device=self.device)
-            rows.append(torch.cat([head, vis[u].to(head.dtype), cap.embed(ids) + self._role("caption")]))
+            caption = (bb.embed(ids) + self._role("caption")).to(head.dtype)
+            rows.append(torch.cat([head, vis[u].to(head.dtype), close, caption]))
         embeds = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_side="left")
         lengths = torch.tensor([len(r) for r in rows], device=self.device)
         mask = torch.arange(embeds.shape[1], device=self.device)[None] >= (embeds.shape[1] - lengths)[:, None]
@@ -181,26 +184,26 @@ class Reranker(nn.Module):
             raise ValueError(f"{len(captions)} captions for {len(features)} videos")
         if len(queries) != len(candidate):
             raise ValueError(f"{len(queries)} queries for {len(candidate)} candidate indices")
-        decoder, candidate = self.captioner.decoder, torch.as_tensor(candidate, device=self.device)
+        bb, candidate = self.backbone, torch.as_tensor(candidate, device=self.device)
         with precision.autocast(self.config.precision, self.device):
             embeds, pmask = self.prefixes(features, captions)
-            cache = DynamicCache(config=self.captioner.base_lm.config)
-            decoder(
+            cache = DynamicCache(config=bb.cache_config)
+            bb.decoder(
                 inputs_embeds=embeds,
                 attention_mask=pmask,
-                position_ids=(pmask.cumsum(1) - 1).clamp_min(0),
+                position_ids=bb.positions((pmask.cumsum(1) - 1).clamp_min(0)),
                 cache=cache,
                 use_cache=True,
             )
             cache.batch_select_indices(candidate)
             ids, qmask, is_query = self.query_ids(queries)
             pmask = pmask[candidate]
-            emb = self.captioner.embed(ids) + is_query[..., None] * self._role("query")
+            emb = bb.embed(ids) + (is_query[..., None] * self._role("query")).to(embeds.dtype)
             positions = pmask.sum(1, keepdim=True) + torch.arange(ids.shape[1], device=self.device)
-            h = decoder(
+            h = bb.decoder(
                 inputs_embeds=emb,
                 attention_mask=torch.cat([pmask, qmask], 1),
-                position_ids=positions,
+                position_ids=bb.positions(positions),
                 cache=cache,
                 use_cache=True,
             ).last_hidden_state
@@ -214,11 +217,13 @@ class Reranker(nn.Module):
     # ------------------------------------------------------------ save / load
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """config.json + reranker.safetensors (role table, head) + captioner/ (projector, LoRA)."""
+        """config.json + reranker.safetensors (role table, head) + captioner/ (the backbone's own
+        save: projector + LoRA, or for an HF backbone its base model's path + LoRA)."""
         from safetensors.torch import save_file
 
         with staged_dir(path) as tmp:
-            write_json(tmp / "config.json", {"format": FORMAT, "reranker": asdict(self.config)})
+            meta = {"format": FORMAT, "backbone": self.backbone.kind, "reranker": asdict(self.config)}
+            write_json(tmp / "config.json", meta)
             state = {
                 k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if not k.startswith("captioner.")
             }
@@ -227,15 +232,18 @@ class Reranker(nn.Module):
         return Path(path)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Reranker:
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> Reranker:
         from safetensors.torch import load_file
 
         path = Path(path)
         meta = read_json(path / "config.json") if (path / "config.json").exists() else {}
         if meta.get("format") != FORMAT:
             raise DataError(f"{path / 'config.json'}: not a caredpo reranker (format {meta.get('format')!r})")
-        model = cls(RerankerConfig.from_dict(meta["reranker"]), VideoCaptioner.from_pretrained(path / "captioner"))
+        kind = meta.get("backbone", "caredpo")
+        if kind not in BACKBONES:
+            raise DataError(f"{path / 'config.json'}: unknown backbone {kind!r} (known: {sorted(BACKBONES)})")
+        model = cls(RerankerConfig.from_dict(meta["reranker"]), BACKBONES[kind].load(path / "captioner", device))
         missing, unexpected = model.load_state_dict(load_file(str(path / "reranker.safetensors")), strict=False)
         if unexpected or any(not k.startswith("captioner.") for k in missing):
             raise DataError(f"{path / 'reranker.safetensors'}: weights do not fit the model ({unexpected or missing})")
-        return model.to(device)
+        return model.to(model.captioner.device)

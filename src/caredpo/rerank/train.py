@@ -129,7 +129,7 @@ def step_units(units: list[list[str]], cfg: RerankerTrainConfig, step: int) -> l
 # ---- step ------------------------------------------------------------------------------------
 
 
-def list_scores(model: Reranker, lists: Sequence[UnitList], grid_feats: Callable[[list[str]], torch.Tensor]):
+def list_scores(model: Reranker, lists: Sequence[UnitList], visual: Callable[[list[str]], torch.Tensor]):
     """Scores [Q, L] (L = the longest list), mask [Q, L] and positives [Q] of a step's lists, from
     one `score_pairs` call: every candidate's prefix once, extended by its unit's queries."""
     videos, caps, queries, cand, rows = [], [], [], [], []
@@ -141,7 +141,7 @@ def list_scores(model: Reranker, lists: Sequence[UnitList], grid_feats: Callable
             rows.append(len(ul.candidates))
             queries += [q] * len(ul.candidates)
             cand += range(base, base + len(ul.candidates))
-    flat = model.score_pairs(grid_feats(videos), caps, queries, torch.tensor(cand))
+    flat = model.score_pairs(visual(videos), caps, queries, torch.tensor(cand))
     L = max(rows)
     scores = torch.zeros(len(rows), L, device=flat.device)
     mask = (torch.arange(L)[None] < torch.tensor(rows)[:, None]).to(flat.device)
@@ -169,15 +169,17 @@ def train_reranker(
     cfg: RerankerTrainConfig,
     captioner,
     dataset: Dataset,
-    features,
+    visual: Callable[[list[str]], torch.Tensor],
     out_dir: str | Path,
     negatives: Mapping[str, list[str]] | None = None,
     caption_pool: Mapping[str, list[str]] | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[Reranker, dict]:
-    """Train a reranker starting from `captioner` (a `VideoCaptioner`, e.g. the SFT one), writing
-    out_dir/{log.jsonl, checkpoint/, model/, metrics.json, train_config.json}; returns (model, metrics).
+    """Train a reranker starting from `captioner` (usually the SFT one; our `VideoCaptioner` or an
+    `HFVideoCaptioner`), writing out_dir/{log.jsonl, checkpoint/, model/, metrics.json,
+    train_config.json}; returns (model, metrics). visual: video ids -> the captioner's visual input
+    (`captioner.base.visual_source`).
 
     negatives: {video id: training videos ranked by the first stage} (hard negatives);
     caption_pool: {video id: generated captions} mixed into the auxiliary-caption draws."""
@@ -209,7 +211,7 @@ def train_reranker(
                 unit_list(dataset, u, ids, negatives, caption_pool, cfg, rng) for u in step_units(units, cfg, step)
             ]
             model.train()
-            scores, mask, pos = list_scores(model, lists, features.grid_feats)
+            scores, mask, pos = list_scores(model, lists, visual)
             loss = listwise_loss(scores, pos, mask, cfg.temperature)
             check_finite(loss.detach(), "loss", step + 1, ckpt, "reranker", HINT)
             opt.zero_grad(set_to_none=True)
