@@ -3,9 +3,12 @@
     python benchmarks/precision.py [--lm smollm2|tiny] [--text-encoder minilm|tiny] [--threads 2]
                                    [--repeats 3] [--data RUN/data]
 
-bf16 = autocast over fp32 weights (caredpo.precision, the models' `precision` field). Each model is
-built once per precision from the same seed, and each case runs fp32 then bf16 back to back on the
-same inputs, so a change in the machine's load hits both alike:
+bf16 = autocast (caredpo.precision, the models' `precision` field), the captioner's frozen base
+Linears stored in bf16 (`precision.store_frozen_linears_in_bf16`); the captioner cases add
+bf16-cast, the same autocast over fp32 frozen weights, which autocast casts again at every call
+(how bf16 ran before the stored copies; the same numbers bit for bit). Each model is built once per
+precision from the same seed, and each case runs its precisions back to back on the same inputs,
+so a change in the machine's load hits them alike:
   sft step   VideoCaptioner.nll on 4 videos x 2 captions, backward, AdamW step
   dpo step   caredpo.dpo.batch.batch_loss (DG-DPO) on one hand-made twin group (4 videos, K=4
              captions, the 3 twins as negatives), backward, AdamW step
@@ -32,6 +35,7 @@ import torch
 from peak import describe, measure_peaks, median_seconds, share
 
 PRECISIONS = ("fp32", "bf16")
+CAPTIONER_PRECISIONS = ("fp32", "bf16-cast", "bf16")
 CAPTIONS = [
     "a small red circle slides from left to right over the grass and turns blue halfway",
     "a blue square moves down on sand",
@@ -82,8 +86,11 @@ def measure(fn, repeats: int) -> float:
 
 def build_captioner(lm: str, prec: str, grid: torch.Tensor):
     """The default preset's captioner (or the smoke one's for lm="tiny") for grid [N, T, 4, C]."""
+    from dataclasses import replace
+
     from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
 
+    cast, prec = prec == "bf16-cast", "fp32" if prec == "bf16-cast" else prec
     # colour bins from the features (64 in the presets); T < 8 only in smoke runs' features
     shape = dict(num_frames=min(8, grid.shape[1]), colour_bins=grid.shape[-1] - 1280)
     if lm == "tiny":  # like the smoke preset: a random 2-layer Llama, a small projector
@@ -91,6 +98,8 @@ def build_captioner(lm: str, prec: str, grid: torch.Tensor):
     else:
         cfg = CaptionerConfig(lm=lm, **shape, lora_layers=-1, precision=prec)
     model = VideoCaptioner(cfg)
+    if cast:  # fp32 storage, then the bf16 autocast: frozen weights cast at every call
+        model.config = replace(cfg, precision="bf16")
     model.set_trainable()
     return model
 
@@ -229,9 +238,9 @@ CAPTIONER_CASES = {"sft step": sft_case, "dpo step": dpo_case, "generate (n=4)":
 
 def run_cases(args, x: Inputs) -> list[dict]:
     rows = []
-    models = {p: build_captioner(args.lm, p, x.grid) for p in PRECISIONS}  # same seed, same init
+    models = {p: build_captioner(args.lm, p, x.grid) for p in CAPTIONER_PRECISIONS}  # same seed, same init
     for case, make in CAPTIONER_CASES.items():
-        for p in PRECISIONS:
+        for p in CAPTIONER_PRECISIONS:
             rows.append(timed(case, p, *make(models[p], x), args.repeats))
     del models
     for p in PRECISIONS:
@@ -243,22 +252,22 @@ def timed(case: str, prec: str, fn, items: int, unit: str, flops: float, repeats
     torch.manual_seed(0)
     s = measure(fn, repeats)
     row = {"case": case, "prec": prec, "s": s, "rate": items / s, "unit": unit, "gflops": flops / s / 1e9}
-    print(f"  measured: {case:16} {prec:5} {s:8.3f} s", flush=True)
+    print(f"  measured: {case:16} {prec:9} {s:8.3f} s", flush=True)
     return row
 
 
 def print_table(rows: list[dict], peaks: dict[str, float]) -> dict[str, float]:
     """The table; returns {case: fp32 seconds / bf16 seconds}."""
     fp32 = {r["case"]: r["s"] for r in rows if r["prec"] == "fp32"}
-    speedup = {r["case"]: fp32[r["case"]] / r["s"] for r in rows if r["prec"] == "bf16"}
-    print(f"\n{'case':16} {'prec':5} {'median s':>9} {'rate':>18} {'GFLOP/s':>8} {'of peak':>8} {'bf16 x':>7}")
+    print(f"\n{'case':16} {'prec':9} {'median s':>9} {'rate':>18} {'GFLOP/s':>8} {'of peak':>8} {'vs fp32':>7}")
     for r in rows:
-        up = f"{speedup[r['case']]:.2f}x" if r["prec"] == "bf16" else ""
+        up = f"{fp32[r['case']] / r['s']:.2f}x" if r["prec"] != "fp32" else ""
+        peak = "fp32" if r["prec"] == "fp32" else "bf16"
         print(
-            f"{r['case']:16} {r['prec']:5} {r['s']:9.3f} {r['rate']:>10.1f} {r['unit']:<7} {r['gflops']:8.1f} "
-            f"{share(r['gflops'], r['prec'], peaks):8.0%} {up:>7}"
+            f"{r['case']:16} {r['prec']:9} {r['s']:9.3f} {r['rate']:>10.1f} {r['unit']:<7} {r['gflops']:8.1f} "
+            f"{share(r['gflops'], peak, peaks):8.0%} {up:>7}"
         )
-    return speedup
+    return {r["case"]: fp32[r["case"]] / r["s"] for r in rows if r["prec"] == "bf16"}
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Mixed precision: `precision = "auto" | "fp32" | "bf16"` for every model that runs or trains.
 
-bf16 means autocast (matmuls and attention in bf16, accumulation in fp32) with fp32 weights,
-gradients and optimizer state; log-softmax, summed log-probs and DPO log-ratios stay fp32 because
+bf16 means autocast (matmuls and attention in bf16, accumulation in fp32) with fp32 trainable
+weights, gradients and optimizer state (frozen Linears may be stored in bf16, which changes no
+number: `store_frozen_linears_in_bf16`); log-softmax, summed log-probs and DPO log-ratios stay fp32 because
 the code upcasts before them. `auto` takes bf16 on CUDA and on CPUs with native bf16 matmul
 (AVX512-BF16 or AMX), where it is faster than fp32 (docs/results.md, "Precision"); fp32 elsewhere.
 Why each part runs where it does: docs/design.md, "Precision".
@@ -50,3 +51,21 @@ def autocast(precision: str, device: str | torch.device = "cpu"):
     if resolve(precision, device) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def store_frozen_linears_in_bf16(module: torch.nn.Module) -> int:
+    """Keep the frozen `nn.Linear` weights of `module` in bf16; returns how many were converted.
+
+    Under bf16 autocast a matmul casts an fp32 weight to bf16 on every call: autocast caches the
+    cast only for trainable leaves, so a frozen base LM is converted again at each decoding step.
+    A bf16 copy made once gives the same products bit for bit (the same rounding, done once).
+    Trainable weights (LoRA) stay fp32; a weight shared with another module (SmolLM2's lm_head
+    is its input embedding) gets its own bf16 copy, so the embedding lookup keeps fp32 values.
+    Only for modules whose every forward runs under bf16 autocast."""
+    done = 0
+    for name, mod in module.named_modules():
+        if type(mod) is torch.nn.Linear and not mod.weight.requires_grad and "lora_" not in name:
+            if mod.weight.dtype == torch.float32:
+                mod.weight = torch.nn.Parameter(mod.weight.detach().to(torch.bfloat16), requires_grad=False)
+                done += 1
+    return done

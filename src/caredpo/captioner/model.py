@@ -175,6 +175,8 @@ class VideoCaptioner(PrefixCaptioner):
         self.register_buffer("tail_ids", self._ids(tail.format(prompt=config.prompt)), persistent=False)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        if precision.resolve(config.precision) == "bf16":  # every LM pass runs under autocast()
+            precision.store_frozen_linears_in_bf16(self.base_lm)
 
     def _ids(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
@@ -273,7 +275,7 @@ class VideoCaptioner(PrefixCaptioner):
         for k, v in self.base_lm.state_dict().items():
             if "lora_" in k:
                 continue
-            out[k.replace(".base_layer.", ".")] = v
+            out[k.replace(".base_layer.", ".")] = v.float() if v.dtype == torch.bfloat16 else v
         return out
 
     @classmethod

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import precision
 from ..captioner.model import CHAT_FORMATS, VideoCaptioner
 
 
@@ -36,6 +37,7 @@ class OwnBackbone:
         self.embed, self.lm_head = captioner.embed, captioner.lm_head
         self.head_ids, self.close_ids = captioner.head_ids, captioner.head_ids[:0]
         self.tail = CHAT_FORMATS[captioner.config.chat_format][1]  # "\n{prompt}<|im_end|>..."
+        self.bf16_weights = precision.resolve(captioner.config.precision) == "bf16"  # base Linears in bf16
 
     def visual(self, features: Tensor) -> Tensor:
         """Grid features [U, T, G, C] -> visual tokens [U, V, d] (the projector stays frozen)."""
@@ -69,6 +71,7 @@ class HFBackbone:
         self.close_ids = torch.tensor(close, dtype=torch.long, device=c.device)
         self.tail = "\n{prompt}" + after
         fixed = len(c.head_ids) + c.num_video_tokens
+        self.bf16_weights = False  # the model's own dtype (HFCaptionerConfig.dtype), autocast or not
         self.fixed_pos = c.prefix_pos[..., :fixed]  # [(3,) 1, F]: head + visual tokens
         self.next_pos = int(self.fixed_pos.max()) + 1
 

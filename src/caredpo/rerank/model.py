@@ -98,6 +98,11 @@ class Reranker(nn.Module):
         super().__init__()
         self.config, self.captioner = config, captioner
         self.backbone = backbone(captioner)
+        if self.backbone.bf16_weights and precision.resolve(config.precision, captioner.device) != "bf16":
+            raise ValueError(
+                "RerankerConfig.precision resolves to fp32, but the captioner keeps its frozen weights in bf16 "
+                f"(CaptionerConfig.precision={captioner.config.precision!r}): give both the same precision"
+            )
         d = captioner.embed.embedding_dim
         self.roles = nn.Embedding(len(ROLES), d)
         nn.init.zeros_(self.roles.weight)  # step 0 = the model without roles
