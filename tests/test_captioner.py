@@ -450,3 +450,30 @@ def test_events_stated_in_order_and_every_reference_sentence_is_right():
     for s in plan_sentences(config, plans):  # the grammar's specific sentences state them right
         if s["specificity"] == "specific":
             assert factor_correct(s["caption"], factors[s["video_id"]], "events"), s["caption"]
+
+
+def test_grounded_share_against_a_loop_and_by_hand():
+    from caredpo.captioner.grounding import grounded_share
+
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-5.0, -1.0, -1.0], [-4.0, -3.0, -0.5], [-2.0, -2.0, -9.0]])
+    own = torch.tensor([0, 1, 1, 1])
+    naive = sum(all(row[o] > row[j] for j in range(3) if j != o) for row, o in zip(logps.tolist(), own.tolist()))
+    # row 0 own best; row 1 tied with column 2 (a miss); row 2 column 2 beats it; row 3 tied: 1 of 4
+    assert grounded_share(logps, own) == pytest.approx(100 * naive / 4) == pytest.approx(25.0)
+
+
+def test_twin_logprobs_score_every_specific_sentence_under_every_twin():
+    from caredpo.captioner.grounding import twin_logprobs
+
+    videos = [Video(f"g{g}v{i}", f"g{g}v{i}.mp4", "test", group=f"g{g}") for g in range(2) for i in range(3)]
+    videos.append(Video("lone", "lone.mp4", "test"))  # no twins: left out
+    sentences = [Sentence(v.id, f"a red circle moves {d} {v.id}", "specific") for v in videos for d in ("up", "down")]
+    sentences += [Sentence(v.id, "a video", "generic") for v in videos]  # not specific: left out
+    ds = Dataset(root=".", videos=videos, sentences=sentences)
+    store = FakeStore([v.id for v in videos])
+    m = VideoCaptioner(TINY).eval()
+    logps, own = twin_logprobs(m, ds, store.grid_feats)
+    assert logps.shape == (12, 3) and own.tolist() == [0, 0, 1, 1, 2, 2] * 2
+    with torch.no_grad():  # row 3: clip 1's second sentence under each clip of group 0, one call each
+        want = torch.cat([m.logprob(store.grid_feats([f"g0v{u}"]), ["a red circle moves down g0v1"]) for u in range(3)])
+    torch.testing.assert_close(logps[3], want.float(), atol=1e-4, rtol=1e-4)
