@@ -156,21 +156,27 @@ def clips(m: HFVideoCaptioner, b: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (b, T, 3, m.frame_size, m.frame_size), generator=g, dtype=torch.uint8)
 
 
-def plain_logprobs(m: HFVideoCaptioner, frames: torch.Tensor, tokens: list[int]) -> tuple[torch.Tensor, int]:
-    """One plain forward of the whole HF model (its own placeholder filling and positions) over
-    prompt + tokens: (log-probs [P + len(tokens), V], P)."""
+def plain_logits(m: HFVideoCaptioner, frames: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [L, V] of one plain forward of the whole HF model over ids [1, L] holding the video
+    placeholders: the model fills them from `frames` [T, 3, S, S] and lays out its own positions."""
     from caredpo.captioner import hf_families as fam
 
     vid = getattr(m.hf_config, m.spec.video_token_attr)
-    prompt = torch.cat([m.head_ids, torch.full((m.num_video_tokens,), vid), m.tail_ids])
-    ids = torch.cat([prompt, torch.tensor(tokens, dtype=torch.long)])[None]
     kw = m.spec.vision_inputs(m.hf_config, fam.normalise(frames[None], m.frame_size, m.mean, m.std))
     if m.hf_config.model_type != "llava_onevision":
         kw["mm_token_type_ids"] = (ids == vid).int() * 2
     if m.hf_config.model_type == "qwen2_5_vl":
         kw["second_per_grid_ts"] = torch.tensor([2 / m.config.fps])
     m.inner.rope_deltas = None  # the Qwen models keep this between calls
-    return m.lm(input_ids=ids, **kw).logits[0].float().log_softmax(-1), prompt.shape[0]
+    return m.lm(input_ids=ids, **kw).logits[0]
+
+
+def plain_logprobs(m: HFVideoCaptioner, frames: torch.Tensor, tokens: list[int]) -> tuple[torch.Tensor, int]:
+    """One plain forward over prompt + tokens: (log-probs [P + len(tokens), V], P)."""
+    vid = getattr(m.hf_config, m.spec.video_token_attr)
+    prompt = torch.cat([m.head_ids, torch.full((m.num_video_tokens,), vid), m.tail_ids])
+    ids = torch.cat([prompt, torch.tensor(tokens, dtype=torch.long)])[None]
+    return plain_logits(m, frames, ids).float().log_softmax(-1), prompt.shape[0]
 
 
 def plain_logprob(m: HFVideoCaptioner, frames: torch.Tensor, caption: str) -> torch.Tensor:

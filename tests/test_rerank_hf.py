@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from caredpo.captioner import hf_families as fam
 from caredpo.captioner.hf import HFVideoCaptioner
 from caredpo.records import Dataset, Sentence, Video
 from caredpo.rerank.model import Reranker, RerankerConfig
 from caredpo.rerank.train import RerankerTrainConfig, train_reranker
 from caredpo.training import MetricsLog
-from test_captioner_hf import FAMILY_NAMES, T, tiny_model, tiny_tokenizer
+from test_captioner_hf import FAMILY_NAMES, T, plain_logits, tiny_model, tiny_tokenizer
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -56,13 +55,7 @@ def plain_score(m: Reranker, frames: torch.Tensor, caption: str, query: str) -> 
     vid = getattr(c.hf_config, c.spec.video_token_attr)
     text = m._span(caption, 99) + m._span(query, 99) + m.tail_ids
     ids = torch.cat([bb.head_ids, torch.full((c.num_video_tokens,), vid), bb.close_ids, torch.tensor(text)])[None]
-    kw = c.spec.vision_inputs(c.hf_config, fam.normalise(frames[None], c.frame_size, c.mean, c.std))
-    if c.hf_config.model_type != "llava_onevision":
-        kw["mm_token_type_ids"] = (ids == vid).int() * 2
-    if c.hf_config.model_type == "qwen2_5_vl":
-        kw["second_per_grid_ts"] = torch.tensor([2 / c.config.fps])
-    c.inner.rope_deltas = None  # the Qwen models keep this between calls
-    logits = c.lm(input_ids=ids, **kw).logits[0, -1]
+    logits = plain_logits(c, frames, ids)[-1]
     return logits[m.answer_ids[0]] - logits[m.answer_ids[1]]
 
 
