@@ -19,7 +19,7 @@ import torch
 
 
 def main() -> None:
-    from caredpo.captioner.grounding import grounded_share, twin_logprobs
+    from caredpo.captioner.grounding import grounded_share, own_margins, twin_logprobs
     from caredpo.captioner.model import VideoCaptioner
     from caredpo.data import load_dataset
     from caredpo.features import FeatureStore
@@ -36,9 +36,7 @@ def main() -> None:
     for path in models:
         t = time.perf_counter()
         logps, own = twin_logprobs(VideoCaptioner.from_pretrained(path).eval(), ds, store.grid_feats)
-        mine = logps.gather(1, own[:, None])[:, 0]
-        margin = (mine - logps.scatter(1, own[:, None], float("-inf")).max(1).values).median()
-        share = grounded_share(logps, own)
+        margin, share = own_margins(logps, own).median(), grounded_share(logps, own)
         print(f"| {path} | {share:.1f} | {margin:+.3f} | {len(own)} | {time.perf_counter() - t:.0f} |", flush=True)
 
 

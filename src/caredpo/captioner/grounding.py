@@ -17,11 +17,15 @@ from torch import Tensor
 from ..records import Dataset
 
 
-def grounded_share(logps: Tensor, own: Tensor) -> float:
-    """% of rows whose own column is the strict maximum. logps [S, K], own [S] (column indices)."""
-    mine = logps.gather(1, own[:, None])  # [S, 1]
+def own_margins(logps: Tensor, own: Tensor) -> Tensor:
+    """[S]: each row's own column minus its best other column. logps [S, K], own [S] (column indices)."""
     others = logps.scatter(1, own[:, None], float("-inf"))
-    return float((mine[:, 0] > others.max(1).values).float().mean() * 100)
+    return logps.gather(1, own[:, None])[:, 0] - others.max(1).values
+
+
+def grounded_share(logps: Tensor, own: Tensor) -> float:
+    """% of rows whose own column is the strict maximum (margin > 0: a tie is a miss)."""
+    return float((own_margins(logps, own) > 0).float().mean() * 100)
 
 
 @torch.no_grad()

@@ -62,8 +62,13 @@ def load_captioner(captioner: str | Path, model_path: Path | None = None):
     video MLLM; `caredpo.captioner.base.load_captioner`)."""
     from ..captioner.base import load_captioner as load
 
+    check_captioner_args(captioner, model_path)
+    return load(captioner, model_path)
+
+
+def check_captioner_args(captioner: str | Path, model_path: Path | None) -> None:
+    """`--captioner hf` goes with `--model-path`, and `--model-path` only with it."""
     if str(captioner) == "hf" and model_path is None:
         raise typer.BadParameter("--captioner hf needs --model-path PATH (a local Hugging Face model folder)")
     if str(captioner) != "hf" and model_path is not None:
         raise typer.BadParameter("--model-path is only used with --captioner hf")
-    return load(captioner, model_path)

@@ -8,7 +8,7 @@ import typer
 
 from ..records import DataError
 from ..rerank.train import RerankerTrainConfig
-from .common import PRESET, SEED, THREADS, load_data, preset_config, set_threads
+from .common import PRESET, SEED, THREADS, check_captioner_args, load_data, preset_config, set_threads
 from .flags import NO_OVERRIDES, Overrides, config_flags
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train the MLLM reranker.")
@@ -41,8 +41,7 @@ def train(
     from ..pipeline.stages import train_one_reranker
 
     set_threads(threads)
-    if (str(captioner) == "hf") != (model_path is not None):
-        raise typer.BadParameter("--captioner hf goes with --model-path PATH, and --model-path only with it")
+    check_captioner_args(captioner, model_path)
     config = preset_config(preset, seed)
     if name not in RERANKERS:
         raise DataError(f"--name {name!r}: choose one of {sorted(RERANKERS)}")
