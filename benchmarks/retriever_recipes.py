@@ -36,6 +36,9 @@ VARIANTS: dict[str, dict] = {
     "oracle_only": {"generated_caption_prob": 0.0},
     "gen50": {"generated_caption_prob": 0.5},
     "gen50_nocap20": {"generated_caption_prob": 0.5, "no_caption_prob": 0.2},
+    "gen15": {"generated_caption_prob": 0.15},
+    "epochs6": {"epochs": 6},  # 150 steps
+    "epochs8": {"epochs": 8},  # 200 steps
 }
 
 
@@ -48,6 +51,13 @@ def variant_config(name: str, seed: int, device: str):
     return replace(base, model=model, device=device, **over)
 
 
+def run_seed(layout) -> int:
+    """The run's seed: the variants train and draw oracle captions as its own retriever did."""
+    from caredpo.io import read_json
+
+    return int(read_json(layout.run_json)["seed"])
+
+
 def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) -> dict:
     from caredpo.captioner.generate import first_captions, load_captions
     from caredpo.pipeline.layout import RunLayout, TrainerFiles
@@ -55,7 +65,8 @@ def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) ->
     from caredpo.retrieval.train import train_retriever
 
     layout = RunLayout.load(run)
-    cfg = variant_config(name, 0, device)
+    seed = run_seed(layout)
+    cfg = variant_config(name, seed, device)
     pool = load_captions(layout.captions("sft", "train"))
     t0 = time.perf_counter()
     model, _ = train_retriever(cfg, dataset, store, out / name, caption_pool=pool, progress=False, log=lambda s: None)
@@ -66,7 +77,7 @@ def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) ->
         "steps": json.loads(TrainerFiles(out / name).metrics.read_text())["step"],
         "seconds": round(seconds, 1),
     }
-    for arm, caps in (("oracle", reference_captions(dataset, "test", seed=0)), ("sft", sft), ("none", None)):
+    for arm, caps in (("oracle", reference_captions(dataset, "test", seed=seed)), ("sft", sft), ("none", None)):
         m = evaluate(model.eval(), dataset, store, caps, "test")
         row[arm] = {"R1": m["t2v"]["R1"], "R5": m["t2v"]["R5"], "twin_acc": m["twin_acc"]}
     (out / f"{name}.json").write_text(json.dumps(row, indent=1))

@@ -194,7 +194,7 @@ def extract_features(
         return out
     shards = [dataset.videos[i : i + config.shard_size] for i in range(0, len(dataset.videos), config.shard_size)]
     todo = [i for i, vids in enumerate(shards) if not _shard_is_valid(_shard_path(out, i), vids, meta, skip_bad)]
-    with _maybe_progress(progress) as bar:
+    with progress_bar(show=progress) as bar:
         task = bar.add_task("features", total=len(dataset.videos) * config.num_frames, unit="frames")
         bar.advance(task, sum(len(s) for i, s in enumerate(shards) if i not in todo) * config.num_frames)
         _compute_shards(dataset, out, config, shards, todo, meta, skip_bad, lambda n: bar.advance(task, n))
@@ -366,24 +366,6 @@ def _cache_is_valid(out: Path, meta: dict, skip_bad: bool) -> bool:
             f"(first: {first['path']}: {first['reason']}); fix them or pass skip_bad / --skip-bad"
         )
     return True
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def add_task(self, *args, **kwargs) -> int:
-        return 0
-
-    def advance(self, task: int, n: float) -> None:
-        return None
-
-
-def _maybe_progress(enabled: bool):
-    return progress_bar() if enabled else _NoBar()
 
 
 # ----------------------------------------------------------------------------- reading

@@ -36,9 +36,10 @@ def console() -> Console:
     return Console(stderr=True)
 
 
-def progress_bar(*extra: ProgressColumn | str, transient: bool = False) -> Progress:
+def progress_bar(*extra: ProgressColumn | str, show: bool = True) -> Progress:
     """Description, bar, done/total, rate, elapsed, ETA, plus any extra columns (e.g. loss).
-    Under torchrun only rank 0 draws (the others' bars are disabled)."""
+    show=False (tests, quiet callers) and torchrun ranks other than 0 get a disabled bar: the same
+    calls, nothing drawn."""
     from .dist import is_main
 
     return Progress(
@@ -50,6 +51,5 @@ def progress_bar(*extra: ProgressColumn | str, transient: bool = False) -> Progr
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console(),
-        transient=transient,
-        disable=not is_main(),
+        disable=not (show and is_main()),
     )

@@ -103,7 +103,7 @@ def align_projector(
     opt = torch.optim.AdamW([*model.projector.parameters(), log_scale], lr=lr, weight_decay=0.0)
     batch = min(batch_videos, len(train_ids))
     gen, order, losses = torch.Generator().manual_seed(seed), torch.empty(0, dtype=torch.long), []
-    with progress_bar(TextColumn("loss {task.fields[loss]}"), transient=not show_progress) as bar:
+    with progress_bar(TextColumn("loss {task.fields[loss]}"), show=show_progress) as bar:
         task = bar.add_task("projector alignment", total=steps, unit="steps", loss="--")
         for _ in range(steps):
             if len(order) < batch:  # the rest of this epoch, then the next one's shuffle

@@ -102,7 +102,7 @@ def _caption_batches(
     batches = [video_ids[i : i + B] for i in range(0, len(video_ids), B)][dist.rank() :: dist.world_size()]
     todo = [ids for ids in batches if not set(ids) <= done]
     total = sum(map(len, batches))
-    with progress_bar(transient=not show_progress) as bar:
+    with progress_bar(show=show_progress) as bar:
         task = bar.add_task("captions", total=total, completed=total - sum(map(len, todo)), unit="videos")
         for ids in todo:
             caps = _sample(model, visual(ids), [video_seed(sampling.seed, v) for v in ids], sampling)

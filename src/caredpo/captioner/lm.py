@@ -92,7 +92,7 @@ def _convert_into(tmp: Path, show_progress: bool) -> None:
     from ..progress import progress_bar
 
     gguf = smollm2_gguf_path()
-    with progress_bar(transient=not show_progress) as bar:
+    with progress_bar(show=show_progress) as bar:
         task = bar.add_task("convert SmolLM2 GGUF", total=3, unit="steps")
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tok.save_pretrained(tmp)

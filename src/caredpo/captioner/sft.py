@@ -265,7 +265,7 @@ def _loop(
 
     train_ids, val_ids, sentences = plan
     metrics, last_val = MetricsLog(ckpt.path.parent), None
-    with progress_bar(TextColumn("loss {task.fields[loss]}"), transient=not show_progress) as bar:
+    with progress_bar(TextColumn("loss {task.fields[loss]}"), show=show_progress) as bar:
         task = bar.add_task("captioner sft", total=cfg.steps, completed=start, unit="steps", loss="--")
         for step in range(start, cfg.steps):
             vids, caps = batch_at(step, train_ids, sentences, cfg)

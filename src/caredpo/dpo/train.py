@@ -209,7 +209,7 @@ def _loop(
 
     stats_col = TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.2f} margin {task.fields[margin]:+.3f}")
     log = MetricsLog(run.checkpoint.path.parent)
-    with progress_bar(stats_col, transient=not show_progress) as bar:
+    with progress_bar(stats_col, show=show_progress) as bar:
         task = bar.add_task(
             config.mode,
             total=total,

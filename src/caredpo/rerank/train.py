@@ -203,7 +203,7 @@ def train_reranker(
         raise DataError(f"{dataset.root}: no {cfg.train_split!r} videos with sentences")
     units = dataset.units(ids)
     metrics: dict = log.rows()[-1] if step else {}  # a finished run resumed: its last step's numbers
-    with progress_bar(transient=not progress) as bar:
+    with progress_bar(show=progress) as bar:
         task = bar.add_task("reranker", total=cfg.steps, completed=step, unit="step")
         while step < cfg.steps:
             rng = random.Random(f"{cfg.seed}-lists-{step}")

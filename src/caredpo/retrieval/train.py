@@ -381,8 +381,7 @@ def _loop(
 
     (opt, sched), ckpt, metrics_log = optim, Checkpoint(out), MetricsLog(out)
     metrics: dict = {}
-    bar = progress_bar(_loss_column()) if progress else _NoBar()
-    with bar:
+    with progress_bar(_loss_column(), show=progress) as bar:
         task = bar.add_task("retriever", total=total, completed=step, unit="step", loss="-")
         while step < total:
             epoch, k = divmod(step, per_epoch)
@@ -408,20 +407,6 @@ def _loop(
             if due(cfg.save_every, step) or step == total:
                 ckpt.save(step, resume_guard(cfg), model.state_dict(), opt, sched)
     return metrics
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
 
 
 def read_queries(path: str | Path) -> dict[str, list[str]]:
