@@ -20,7 +20,7 @@ from caredpo.captioner.factors import (
 )
 from caredpo.captioner.generate import SamplingConfig, generate_captions, load_captions
 from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
-from caredpo.captioner.sampling import pick_tokens
+from caredpo.captioner.sampling import pick_tokens, stream_uniforms
 from caredpo.captioner.sft import SFTConfig, batch_at, train_sft
 from caredpo.io import read_jsonl
 from caredpo.records import DataError, Dataset, Sentence, Video
@@ -127,6 +127,23 @@ def test_generation_reproducible_under_seed(model):
     assert a == b
     assert a != c
     assert len(a) == 3 and all(len(x) == 4 for x in a)
+
+
+def test_stream_uniforms_are_one_generator_drawn_a_row_per_step():
+    g = torch.Generator().manual_seed(5)
+    loop = torch.stack([torch.rand(6, generator=g) for _ in range(4)], 1)  # a draw of 6 rows per step
+    assert torch.equal(stream_uniforms(5, 6, 4), loop)
+
+
+def test_stacked_uniforms_sample_what_separate_seeded_calls_do(model):
+    """Two batches with one seed each, sampled in one call from their stacked tables: the same
+    captions as two calls (the preference stage batches twin groups this way)."""
+    f, kw = feats(4), dict(n=2, temperature=1.0, top_p=0.9, max_new_tokens=8)
+    apart = model.generate(f[:2], seed=3, **kw) + model.generate(f[2:], seed=4, **kw)
+    table = torch.cat([stream_uniforms(3, 4, 8), stream_uniforms(4, 4, 8)])
+    assert model.generate(f, uniforms=table, **kw) == apart
+    with pytest.raises(ValueError, match="uniforms must be"):
+        model.generate(f, uniforms=table[:, :4], **kw)
 
 
 def test_greedy_matches_hf_generate(model):

@@ -16,6 +16,7 @@ from caredpo.captioner.base import Captioner
 from caredpo.captioner.batching import distinct_rows
 from caredpo.captioner.hf import HFCaptionerConfig, HFVideoCaptioner, VideoFrames
 from caredpo.captioner.hf_families import family, qwen_patchify
+from caredpo.captioner.sampling import stream_uniforms
 
 T, S = 4, 16  # frames per clip, frame side of the tiny Qwen models (patch 4, merge 2)
 SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>", "<video>", "<image>"]
@@ -250,7 +251,7 @@ def test_greedy_tokens_are_the_plain_forward_argmax(captioners, kind):
     f = clips(m, 1, seed=3)
     with torch.no_grad():
         h, cache = m.prefill(f)
-        toks = m.sample_loop(h, cache, 0.0, 1.0, 5, None)[0].tolist()
+        toks = m.sample_loop(h, cache, 0.0, 1.0, 5, torch.zeros(1, 5))[0].tolist()
         logp, P = plain_logprobs(m, f[0], toks[:-1])
     assert logp[P - 1 :].argmax(-1).tolist()[: len(toks)] == toks[: len(logp) - P + 1]
 
@@ -260,11 +261,11 @@ def test_finished_rows_leave_the_batch(captioners):
     m = captioners["qwen2_vl"]
     f = clips(m, 2, seed=6)
     with torch.no_grad():
-        full = m.sample_loop(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
+        full = m.sample_loop(*m.prefill(f), 1.0, 1.0, 6, stream_uniforms(1, 2, 6))
         stop, saved = full[0, 1].item(), m.stop_ids
         m.stop_ids = saved + [stop]  # row 0 now ends at step 1
         try:
-            cut = m.sample_loop(*m.prefill(f), 1.0, 1.0, 6, torch.Generator().manual_seed(1))
+            cut = m.sample_loop(*m.prefill(f), 1.0, 1.0, 6, stream_uniforms(1, 2, 6))
         finally:
             m.stop_ids = saved
     for r in range(2):

@@ -119,6 +119,35 @@ def test_rows_are_what_the_trainer_needs(built):
     assert overlap(best) == max(overlap(c) for c in rows[0]["captions"])
 
 
+def test_twin_groups_batched_in_one_generate_call_get_the_same_rows(tmp_path, one_thread):
+    """units_per_call only changes the decode batch: a real (tiny) captioner writes the same
+    samples, rewards and log-probs with 1 and 3 twin groups per generate call."""
+    from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
+
+    cap = VideoCaptioner(CaptionerConfig(lm="tiny", projector_hidden=32, lora_layers=-1, lora_rank=4)).eval()
+    ds = dataset(groups=3)
+    store = Store([v.id for v in ds.videos])
+    g = torch.Generator().manual_seed(0)
+    store.table = {v: torch.rand(8, 4, 1280, generator=g) for v in store.ids}  # the captioner's grid
+    greedy = {v.id: "a red circle" for v in ds.videos}
+    reward = RetrieverReward(WordScorer(), store)
+    files = [
+        build_preferences(
+            cap,
+            reward,
+            ds,
+            store,
+            tmp_path / f"u{n}",
+            greedy,
+            PrefsConfig(num_samples=3, max_new_tokens=6, units_per_call=n),
+            show_progress=False,
+        ).read_text()
+        for n in (1, 3)
+    ]
+    assert files[0] == files[1] and len(files[0].splitlines()) == 12
+    assert len({c for r in load_groups(tmp_path / "u1" / GROUPS_FILE) for c in r["captions"]}) > 3
+
+
 def test_resume_after_a_partial_file_repeats_and_loses_nothing(built, tmp_path):
     ds, store, greedy, path = built
     full = path.read_text()

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .batching import caption_ids, caption_logprobs, distinct_rows
-from .sampling import pick_tokens, video_uniforms
+from .sampling import pick_tokens, stream_uniforms, video_uniforms
 
 
 def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
@@ -30,14 +30,15 @@ def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: in
         raise ValueError("need n >= 1, max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
 
 
-def _uniforms(seed: int | Sequence[int] | None, videos: int, n: int, steps: int, device: torch.device):
-    """(generator, table) of a generate call: one int seeds one generator for the batch (a draw per
-    row and step); one seed per video gives a fixed table [videos * n, steps] (`video_uniforms`)."""
+def _uniforms(seed: int | Sequence[int] | None, videos: int, n: int, steps: int) -> Tensor:
+    """The sampling uniforms [videos * n, steps] of a generate call: one int (or None) seeds one
+    stream for the batch (`stream_uniforms`), one seed per video gives each video its own rows
+    (`video_uniforms`)."""
     if seed is None or isinstance(seed, int):
-        return (None if seed is None else torch.Generator(device).manual_seed(seed)), None
+        return stream_uniforms(seed, videos * n, steps)
     if len(seed) != videos:
         raise ValueError(f"{len(seed)} seeds for {videos} videos")
-    return None, video_uniforms(seed, n, steps).to(device)
+    return video_uniforms(seed, n, steps)
 
 
 def _select_rows(last: Tensor, cache, rows: Tensor) -> Tensor:
@@ -102,13 +103,13 @@ class PrefixCaptioner(nn.Module):
         top_p: float = 1.0,
         max_new_tokens: int = 32,
         seed: int | Sequence[int] | None = None,
+        uniforms: Tensor | None = None,
     ) -> list[list[str]]:
         """n captions per clip; temperature 0 = greedy. Same seed -> same captions; one seed per
-        video: a video's captions do not depend on the other videos of the batch."""
-        texts = [
-            self.decode_ids(row)
-            for row in self.generate_ids(features, n, temperature, top_p, max_new_tokens, seed).tolist()
-        ]
+        video: a video's captions do not depend on the other videos of the batch. uniforms: the
+        table [B * n, max_new_tokens] itself instead of a seed (several batches' tables stacked)."""
+        ids = self.generate_ids(features, n, temperature, top_p, max_new_tokens, seed, uniforms)
+        texts = [self.decode_ids(row) for row in ids.tolist()]
         return [texts[i * n : (i + 1) * n] for i in range(features.shape[0])]
 
     @torch.inference_mode()
@@ -120,16 +121,21 @@ class PrefixCaptioner(nn.Module):
         top_p: float = 1.0,
         max_new_tokens: int = 32,
         seed: int | Sequence[int] | None = None,
+        uniforms: Tensor | None = None,
     ) -> Tensor:
         """Token ids [B * n, max_new_tokens] (row b*n + j: sample j of clip b; end-filled after the end).
         One prefix pass per distinct clip, its KV cache repeated for the n samples."""
         _check_sampling(n, temperature, top_p, max_new_tokens)
-        gen, table = _uniforms(seed, features.shape[0], n, max_new_tokens, self.device)
+        B = features.shape[0]
+        if uniforms is None:
+            uniforms = _uniforms(seed, B, n, max_new_tokens)
+        elif uniforms.shape != (B * n, max_new_tokens):
+            raise ValueError(f"uniforms must be [{B * n}, {max_new_tokens}], got {tuple(uniforms.shape)}")
         uniq, inv = distinct_rows(self.visual_input(features))
         with self.autocast():
             last, cache = self.prefill(uniq)
             h = _select_rows(last, cache, inv.repeat_interleave(n))
-            return self.sample_loop(h, cache, temperature, top_p, max_new_tokens, gen, table)
+            return self.sample_loop(h, cache, temperature, top_p, max_new_tokens, uniforms.to(self.device))
 
     def sample_loop(
         self,
@@ -138,19 +144,16 @@ class PrefixCaptioner(nn.Module):
         temperature: float,
         top_p: float,
         max_new_tokens: int,
-        gen: torch.Generator | None = None,
-        table: Tensor | None = None,
+        uniforms: Tensor,
     ) -> Tensor:
         """From prefix hidden states h [R, d] and their cache -> token ids [R, max_new_tokens].
-        Row r at step t uses the uniform table[r, t] when given, else one draw of `gen` per row
-        and step (drawn for all R rows, so a row's sample does not depend on the others stopping).
-        Rows that emit a stop id leave the batch and its cache."""
+        Row r at step t picks with uniforms[r, t] ([R, >= max_new_tokens], on h's device). Rows
+        that emit a stop id leave the batch and its cache."""
         R = h.shape[0]
         tokens = torch.full((R, max_new_tokens), self.end_id, dtype=torch.long, device=h.device)
         active, stop = torch.arange(R, device=h.device), torch.tensor(self.stop_ids, device=h.device)
         for step in range(max_new_tokens):
-            u = table[active, step] if table is not None else torch.rand(R, generator=gen, device=h.device)[active]
-            nxt = pick_tokens(self.lm_head(h), temperature, top_p, u)
+            nxt = pick_tokens(self.lm_head(h), temperature, top_p, uniforms[active, step])
             tokens[active, step] = nxt
             keep = ~torch.isin(nxt, stop)
             if step == max_new_tokens - 1 or not keep.any():

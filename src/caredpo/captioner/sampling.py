@@ -2,6 +2,8 @@
 
 A sample is a function of its uniforms only, so a seed (one per video: `video_uniforms`) fixes a
 video's captions whatever else is in the batch, and greedy decoding is the same code at T = 0.
+The uniforms are drawn on the CPU before decoding (a table [rows, steps]), so a seed gives the same
+captions on any device up to the logits' arithmetic.
 """
 
 from __future__ import annotations
@@ -31,3 +33,11 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, u: torch
 def video_uniforms(seeds: Sequence[int], n: int, steps: int) -> torch.Tensor:
     """[len(seeds) * n, steps] sampling uniforms, video i's n rows drawn from its own seed only."""
     return torch.cat([torch.rand(n, steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def stream_uniforms(seed: int | None, rows: int, steps: int) -> torch.Tensor:
+    """[rows, steps]: what one generator seeded `seed` (None: torch's global one) gives when drawn
+    `rows` numbers per step, column t the t-th draw. One seed for a whole batch, so a row's sample
+    depends on its place in the batch (the preference stage seeds a twin group this way)."""
+    gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+    return torch.rand(steps, rows, generator=gen).T

@@ -82,6 +82,9 @@ class PrefsConfig:
     reward_queries: str = "specific"
     num_neighbours: int = 3  # hard negatives per video where the data set has no twin groups
     max_videos: int = 0  # use only the first training videos, whole twin groups, at most N (0: all)
+    # twin groups sampled in one generate call: larger decode batches, the same samples (each
+    # group keeps its own seeded uniforms); 1 on captioners without `seeds_per_video`
+    units_per_call: int = 4
     seed: int = 0  # group g samples with seed * 1_000_003 + crc32(g): stable under resume
 
     def __post_init__(self) -> None:
@@ -94,8 +97,8 @@ class PrefsConfig:
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError("PrefsConfig: need temperature > 0 and 0 < top_p <= 1 (sampling, not greedy)")
         check_pool(self.reward_queries, "PrefsConfig.reward_queries")
-        if self.max_new_tokens < 1 or self.num_neighbours < 1 or self.max_videos < 0:
-            raise ValueError("PrefsConfig: max_new_tokens, num_neighbours >= 1 and max_videos >= 0")
+        if self.max_new_tokens < 1 or self.num_neighbours < 1 or self.units_per_call < 1 or self.max_videos < 0:
+            raise ValueError("PrefsConfig: max_new_tokens, num_neighbours, units_per_call >= 1 and max_videos >= 0")
 
 
 def hard_negatives(
@@ -148,13 +151,17 @@ def build_preferences(
     mine = all_units[dist.rank() :: dist.world_size()]
     units = [u for u in mine if not set(u) <= done]
     target = part_path(path, dist.rank()) if sharded else path
-    with progress_bar() as bar:
+    visual = visual or store.grid_feats
+    per_call = config.units_per_call if getattr(captioner, "seeds_per_video", False) else 1
+    with progress_bar(show=show_progress) as bar:
         total = sum(map(len, mine))
         task = bar.add_task("preferences", total=total, completed=total - sum(map(len, units)), unit="videos")
-        for unit in units:
-            rows = _score_unit(captioner, reward, dataset, unit, negatives, greedy, config, visual or store.grid_feats)
-            append_jsonl(target, [r for r in rows if r["video_id"] not in done])
-            bar.advance(task, len(unit))
+        for i in range(0, len(units), per_call):
+            chunk = units[i : i + per_call]
+            for unit, samples in zip(chunk, _sample_units(captioner, dataset, chunk, config, visual)):
+                rows = _score_unit(captioner, reward, dataset, unit, samples, negatives, greedy, config, visual)
+                append_jsonl(target, [r for r in rows if r["video_id"] not in done])
+                bar.advance(task, len(unit))
     if sharded:
         dist.barrier()
         if dist.is_main():
@@ -180,18 +187,32 @@ def preference_videos(dataset: Dataset, config: PrefsConfig) -> list[str]:
     return keep or vids[: config.max_videos]
 
 
+def unit_seed(dataset: Dataset, unit: Sequence[str], config: PrefsConfig) -> int:
+    """The sampling seed of a twin group (unit): stable under resume, sharding and batching."""
+    return config.seed * 1_000_003 + zlib.crc32(dataset.group_key(unit[0]).encode())
+
+
 @torch.no_grad()
-def _score_unit(captioner, reward, dataset, unit, negatives, greedy, config, visual) -> list[dict]:
-    grid = visual(unit)  # [U, ...]: e.g. grid features [U, T, 4, C]
-    seed = config.seed * 1_000_003 + zlib.crc32(dataset.group_key(unit[0]).encode())
-    samples = captioner.generate(
-        grid,
-        n=config.num_samples,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        max_new_tokens=config.max_new_tokens,
-        seed=seed,
+def _sample_units(captioner, dataset, units, config: PrefsConfig, visual) -> list[list[list[str]]]:
+    """K samples per video of each unit (unit -> video -> K captions), in one generate call: each
+    unit's rows use the uniforms its own seed gives it alone (`stream_uniforms`), so batching
+    units changes no sample. One unit: the plain seeded call every `Captioner` takes."""
+    from ..captioner.sampling import stream_uniforms
+
+    kw = dict(
+        n=config.num_samples, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens
     )
+    if len(units) == 1:
+        return [captioner.generate(visual(units[0]), seed=unit_seed(dataset, units[0], config), **kw)]
+    K, steps = config.num_samples, config.max_new_tokens
+    table = torch.cat([stream_uniforms(unit_seed(dataset, u, config), len(u) * K, steps) for u in units])
+    samples = iter(captioner.generate(visual([v for u in units for v in u]), uniforms=table, **kw))
+    return [[next(samples) for _ in u] for u in units]
+
+
+@torch.no_grad()
+def _score_unit(captioner, reward, dataset, unit, samples, negatives, greedy, config, visual) -> list[dict]:
+    """The rows of one twin group from its samples [video][K]: rewards, reference log-probs."""
     rewards = [_rewards(reward, dataset, v, samples[i], negatives[v], greedy, config) for i, v in enumerate(unit)]
     best = [int(torch.argmax(r)) for r in rewards]
     # One log-prob pass for the unit: each sample under its own video, then each video's best
