@@ -120,7 +120,7 @@ def test_rows_are_what_the_trainer_needs(built):
 
 
 def test_twin_groups_batched_in_one_generate_call_get_the_same_rows(tmp_path, one_thread):
-    """units_per_call only changes the decode batch: a real (tiny) captioner writes the same
+    """units_per_call only changes the decode batch: a real (tiny, fp32) captioner writes the same
     samples, rewards and log-probs with 1 and 3 twin groups per generate call."""
     from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
 

@@ -82,8 +82,9 @@ class PrefsConfig:
     reward_queries: str = "specific"
     num_neighbours: int = 3  # hard negatives per video where the data set has no twin groups
     max_videos: int = 0  # use only the first training videos, whole twin groups, at most N (0: all)
-    # twin groups sampled in one generate call: larger decode batches, the same samples (each
-    # group keeps its own seeded uniforms); 1 on captioners without `seeds_per_video`
+    # twin groups sampled in one generate call: larger decode batches; each group keeps its own
+    # seeded uniforms, so the samples change only where the batch's arithmetic does (bf16 GEMMs
+    # round a little differently at another batch size). 1 on captioners without `seeds_per_video`
     units_per_call: int = 4
     seed: int = 0  # group g samples with seed * 1_000_003 + crc32(g): stable under resume
 
@@ -196,7 +197,8 @@ def unit_seed(dataset: Dataset, unit: Sequence[str], config: PrefsConfig) -> int
 def _sample_units(captioner, dataset, units, config: PrefsConfig, visual) -> list[list[list[str]]]:
     """K samples per video of each unit (unit -> video -> K captions), in one generate call: each
     unit's rows use the uniforms its own seed gives it alone (`stream_uniforms`), so batching
-    units changes no sample. One unit: the plain seeded call every `Captioner` takes."""
+    changes a sample only through the logits' rounding. One unit: the plain seeded call every
+    `Captioner` takes."""
     from ..captioner.sampling import stream_uniforms
 
     kw = dict(
