@@ -8,6 +8,8 @@ Rows (medians over --repeats):
                 caption positions  vs  plain: every caption with its own full prefix, HF `labels` loss
   generate      ours: prefix once per video, cache repeated n times, finished rows dropped
                 vs  HF `generate(inputs_embeds=..., num_return_sequences=n)`; same top-p, same max length
+  decode batch  the preference stage's `units_per_call`: U twin groups (4 videos x n each) in one
+                generate call  vs  one call per group (the same uniforms: `sampling.stream_uniforms`)
   logprob       ours (shared prefix, head at caption positions)  vs  one forward with full logits
 Peak memory: growth of the process's peak RSS during the case (VmHWM reset before each case).
 GFLOP/s counts 2 x params x tokens (+ LM head where it is applied); x2 for a training step (backward
@@ -195,6 +197,7 @@ def case_rows(model, args) -> list[dict]:
         rows.append(
             _gen_row(G, n, "plain HF generate", t, mem, generated_tokens(model, out), P_lm, P_head, prefix * G * n)
         )
+    decode_batch_rows(rows, model, args, P_lm, P_head, prefix)
     # --- log-probs
     feats, rep, caps = batch(model, args.lp_videos, args.lp_captions, seed=2)
     cap_tok, N = count_tokens(model, caps), len(caps)
@@ -224,6 +227,28 @@ def case_rows(model, args) -> list[dict]:
                 }
             )
     return rows
+
+
+@torch.inference_mode()
+def decode_batch_rows(rows, model, args, P_lm, P_head, prefix) -> None:
+    """U twin groups of 4 videos sampled in one call vs one call per group, as the preference
+    stage does with units_per_call U vs 1 (n = --gen-n samples a video, seeded per group)."""
+    from caredpo.captioner.sampling import stream_uniforms
+
+    U, n, L = args.units_per_call, args.gen_n, args.max_new
+    feats, _, _ = batch(model, 4 * U, 1, seed=3)
+    tables = [stream_uniforms(g, 4 * n, L) for g in range(U)]
+    kw = dict(n=n, temperature=1.0, top_p=0.95, max_new_tokens=L)
+    one = lambda: model.generate_ids(feats, uniforms=torch.cat(tables), **kw)  # noqa: E731
+    apart = (
+        lambda: torch.cat(  # noqa: E731
+            [model.generate_ids(feats[4 * g : 4 * g + 4], uniforms=tables[g], **kw) for g in range(U)]
+        )
+    )
+    for name, fn in (("ours", one), ("one call per group", apart)):
+        t, mem, out = measure(fn, args.repeats)
+        row = _gen_row(4 * U, n, name, t, mem, generated_tokens(model, out), P_lm, P_head, prefix * 4 * U)
+        rows.append({**row, "case": f"decode {U} groups x 4 x n={n}"})
 
 
 def _gen_row(G, n, name, t, mem, tok, P_lm, P_head, prefill_tokens) -> dict:
@@ -270,6 +295,7 @@ def main() -> None:
     ap.add_argument("--gen-videos", type=int, default=8)
     ap.add_argument("--gen-n", type=int, default=4)
     ap.add_argument("--max-new", type=int, default=24)
+    ap.add_argument("--units-per-call", type=int, default=4, help="twin groups a call in the decode-batch case")
     ap.add_argument("--lp-videos", type=int, default=8)
     ap.add_argument("--lp-captions", type=int, default=4)
     args = ap.parse_args()
