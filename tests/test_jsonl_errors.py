@@ -14,7 +14,7 @@ from caredpo.captioner.generate import done_ids, load_captions
 from caredpo.dpo.train import load_groups
 from caredpo.io import merge_parts, part_path, read_jsonl
 from caredpo.records import DataError
-from caredpo.retrieval.train import read_queries
+from caredpo.retrieval.score import read_queries
 
 CAPTION = {"video_id": "v1", "captions": ["a red circle"], "sampling": {"n": 1}}
 GROUP = {

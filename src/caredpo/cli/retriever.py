@@ -84,8 +84,7 @@ def evaluate_cmd(
     from ..captioner.generate import first_captions, load_captions
     from ..io import write_json
     from ..retrieval.model import Retriever
-    from ..retrieval.score import Scorer, evaluate, reference_captions
-    from ..retrieval.train import read_queries
+    from ..retrieval.score import Scorer, evaluate, read_queries, reference_captions
 
     set_threads(threads)
     if run is not None:
@@ -124,7 +123,7 @@ def _evaluate_run(run: Path, queries: Path | None, out: Path | None, seed: int) 
     from ..pipeline.layout import RunLayout
     from ..pipeline.report import evaluate_run, print_table, run_seed
     from ..pipeline.stages import TUNED_ARMS, run_dataset
-    from ..retrieval.train import read_queries
+    from ..retrieval.score import read_queries
 
     layout = RunLayout.load(run)
     missing = [str(p) for p in (layout.captions(arm, "test") for arm in TUNED_ARMS) if not p.exists()]

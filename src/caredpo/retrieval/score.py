@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from ..io import read_json
 from ..records import DataError, Dataset
 from .model import Retriever
 from .search import SearchConfig, embedding_metrics
@@ -175,4 +177,18 @@ def evaluate(
         caption_equals_query=leaks,
         variant=model.config.variant,
     )
+    return out
+
+
+def read_queries(path: str | Path) -> dict[str, list[str]]:
+    """--queries FILE.json: {video_id: [sentence, ...]} (a single string is one sentence)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object {{video_id: [sentence, ...]}}")
+    bad = next((k for k, v in data.items() if not isinstance(v, (str, list))), None)
+    if bad is not None:
+        raise DataError(f"{path}: video {bad!r}: expected a sentence or a list of sentences")
+    out = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in data.items()}
+    if any(not isinstance(s, str) or not s.strip() for v in out.values() for s in v):
+        raise DataError(f"{path}: every query must be a non-empty string")
     return out

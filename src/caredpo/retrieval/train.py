@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .. import dist
-from ..io import read_json, write_json
+from ..io import write_json
 from ..records import SENTENCE_POOLS, TWIN_GROUP_SIZE, DataError, Dataset, check_pool
 from ..training import (
     CONFIG_FILE,
@@ -409,18 +409,4 @@ def _loop(
     return metrics
 
 
-def read_queries(path: str | Path) -> dict[str, list[str]]:
-    """--queries FILE.json: {video_id: [sentence, ...]} (a single string is one sentence)."""
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object {{video_id: [sentence, ...]}}")
-    bad = next((k for k, v in data.items() if not isinstance(v, (str, list))), None)
-    if bad is not None:
-        raise DataError(f"{path}: video {bad!r}: expected a sentence or a list of sentences")
-    out = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in data.items()}
-    if any(not isinstance(s, str) or not s.strip() for v in out.values() for s in v):
-        raise DataError(f"{path}: every query must be a non-empty string")
-    return out
-
-
-__all__ = ["RetrieverTrainConfig", "preset", "train_retriever", "read_queries", "units_per_batch", "draw_pairs"]
+__all__ = ["RetrieverTrainConfig", "preset", "train_retriever", "units_per_batch", "draw_pairs"]
