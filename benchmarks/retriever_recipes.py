@@ -71,13 +71,16 @@ def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) ->
     t0 = time.perf_counter()
     model, _ = train_retriever(cfg, dataset, store, out / name, caption_pool=pool, progress=False, log=lambda s: None)
     seconds = time.perf_counter() - t0
-    sft = first_captions(load_captions(layout.captions("sft", "test")))
+    sft_test = layout.captions("sft", "test")  # absent until the run's test-caption stage: column left out
+    arms = {"oracle": reference_captions(dataset, "test", seed=seed), "none": None}
+    if sft_test.exists():
+        arms["sft"] = first_captions(load_captions(sft_test))
     row = {
         "variant": name,
         "steps": json.loads(TrainerFiles(out / name).metrics.read_text())["step"],
         "seconds": round(seconds, 1),
     }
-    for arm, caps in (("oracle", reference_captions(dataset, "test", seed=seed)), ("sft", sft), ("none", None)):
+    for arm, caps in arms.items():
         m = evaluate(model.eval(), dataset, store, caps, "test")
         row[arm] = {"R1": m["t2v"]["R1"], "R5": m["t2v"]["R5"], "twin_acc": m["twin_acc"]}
     (out / f"{name}.json").write_text(json.dumps(row, indent=1))
@@ -91,7 +94,9 @@ def print_table(rows: list[dict]) -> None:
         + " ".join(f"{a + ' R@1':>10s} {a + ' twin':>11s}" for a in arms)
     )
     for r in rows:
-        cells = " ".join(f"{r[a]['R1']:10.1f} {r[a]['twin_acc']:11.1f}" for a in arms)
+        cells = " ".join(
+            f"{r[a]['R1']:10.1f} {r[a]['twin_acc']:11.1f}" if a in r else f"{'-':>10} {'-':>11}" for a in arms
+        )
         print(f"{r['variant']:14s} {r['steps']:5d} {r['seconds']:7.1f} {cells}")
     print("(t2v R@1 and twin accuracy %, test split, with oracle / SFT / no auxiliary captions)")
 
