@@ -38,23 +38,23 @@ def main(argv: list[str]) -> None:
     print(
         "\nper seed t2v R@1 role: "
         + "; ".join(
-            f"s{i}: "
+            f"seed {r['meta']['seed']}: "
             + ", ".join(
                 f"{a} {r['arms'][a]['role' if a not in ('no_caption',) else 'no_caption']['t2v']['R1']:.1f}"
                 for a in ("no_caption", "sft", "dpo", "dg_dpo")
             )
-            for i, r in enumerate(R)
+            for r in R
         )
     )
     print(
         "per seed twin role: "
         + "; ".join(
-            f"s{i}: "
+            f"seed {r['meta']['seed']}: "
             + ", ".join(
                 f"{a} {r['arms'][a]['role' if a not in ('no_caption',) else 'no_caption']['twin_acc']:.1f}"
                 for a in ("no_caption", "sft", "dpo", "dg_dpo", "reference")
             )
-            for i, r in enumerate(R)
+            for r in R
         )
     )
     P = [json.loads((r / "stages" / "prefs.json").read_text()) for r in runs]
