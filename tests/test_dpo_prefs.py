@@ -145,6 +145,12 @@ def test_twin_groups_batched_in_one_generate_call_get_the_same_rows(tmp_path, on
         for n in (1, 3)
     ]
     assert files[0] == files[1] and len(files[0].splitlines()) == 12
+    # killed after the first group of a 3-group call: the rerun samples the whole call again
+    path = tmp_path / "u3" / GROUPS_FILE
+    path.write_text("".join(files[1].splitlines(keepends=True)[:4]))
+    again = PrefsConfig(num_samples=3, max_new_tokens=6, units_per_call=3)
+    build_preferences(cap, reward, ds, store, tmp_path / "u3", greedy, again, show_progress=False)
+    assert path.read_text() == files[1]
     assert len({c for r in load_groups(tmp_path / "u1" / GROUPS_FILE) for c in r["captions"]}) > 3
 
 

@@ -150,16 +150,22 @@ def build_preferences(
     done = {row["video_id"] for p in [path, *parts] for row in read_jsonl(p)}
     all_units = dataset.units(vids)  # whole twin groups: one batch, both directions
     mine = all_units[dist.rank() :: dist.world_size()]
-    units = [u for u in mine if not set(u) <= done]
+    is_done = lambda unit: set(unit) <= done  # noqa: E731
     target = part_path(path, dist.rank()) if sharded else path
     visual = visual or store.grid_feats
+    # Fixed chunks of this process's units: a resumed chunk is sampled whole again, so its decode
+    # batch (and every sample in it) is the one an uninterrupted run had; only its missing units
+    # are scored and written.
     per_call = config.units_per_call if getattr(captioner, "seeds_per_video", False) else 1
+    chunks = [mine[i : i + per_call] for i in range(0, len(mine), per_call)]
     with progress_bar(show=show_progress) as bar:
         total = sum(map(len, mine))
-        task = bar.add_task("preferences", total=total, completed=total - sum(map(len, units)), unit="videos")
-        for i in range(0, len(units), per_call):
-            chunk = units[i : i + per_call]
+        left = sum(len(u) for u in mine if not is_done(u))
+        task = bar.add_task("preferences", total=total, completed=total - left, unit="videos")
+        for chunk in (c for c in chunks if not all(map(is_done, c))):
             for unit, samples in zip(chunk, _sample_units(captioner, dataset, chunk, config, visual)):
+                if is_done(unit):
+                    continue
                 rows = _score_unit(captioner, reward, dataset, unit, samples, negatives, greedy, config, visual)
                 append_jsonl(target, [r for r in rows if r["video_id"] not in done])
                 bar.advance(task, len(unit))
