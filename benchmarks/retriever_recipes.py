@@ -3,9 +3,10 @@ does it trust a generated caption?
 
     python benchmarks/retriever_recipes.py --run runs/default-s0 [--variants default,uniform] [--device cuda]
 
-Each variant (overrides of the `default` preset's `role` retriever config) trains a fresh
-caption_role retriever on the run's training clips, with the run's greedy SFT captions of the
-training clips as the generated-caption pool (captions/sft_train.jsonl), and is evaluated on the test
+Each variant (overrides of the `default` preset's `role` retriever config, or with --retriever NAME
+of another of the run's retrievers, e.g. no_caption) trains a fresh one on the run's training clips,
+with the run's greedy SFT captions of the training clips as the generated-caption pool
+(captions/sft_train.jsonl), and is evaluated on the test
 split three ways: with oracle captions (a specific reference sentence that is not the query), with
 the run's SFT test captions (captions/sft_test.jsonl), and with no caption. What a variant costs:
 docs/results.md, "Measurements behind the code".
@@ -42,11 +43,11 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def variant_config(name: str, seed: int, device: str):
+def variant_config(name: str, seed: int, device: str, retriever: str = "role"):
     from caredpo.pipeline.presets import run_config
 
     over = dict(VARIANTS[name])
-    base = run_config("default", seed).retriever_config("role")
+    base = run_config("default", seed).retriever_config(retriever)
     model = replace(base.model, **over.pop("model", {}))
     return replace(base, model=model, device=device, **over)
 
@@ -58,7 +59,7 @@ def run_seed(layout) -> int:
     return int(read_json(layout.run_json)["seed"])
 
 
-def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) -> dict:
+def run_variant(name: str, run: Path, dataset, store, device: str, out: Path, retriever: str = "role") -> dict:
     from caredpo.captioner.generate import first_captions, load_captions
     from caredpo.pipeline.layout import RunLayout, TrainerFiles
     from caredpo.retrieval.score import evaluate, reference_captions
@@ -66,7 +67,7 @@ def run_variant(name: str, run: Path, dataset, store, device: str, out: Path) ->
 
     layout = RunLayout.load(run)
     seed = run_seed(layout)
-    cfg = variant_config(name, seed, device)
+    cfg = variant_config(name, seed, device, retriever)
     pool = load_captions(layout.captions("sft", "train"))
     t0 = time.perf_counter()
     model, _ = train_retriever(cfg, dataset, store, out / name, caption_pool=pool, progress=False, log=lambda s: None)
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, default=Path("runs/default-s0"), help="a run with SFT train and test captions")
     ap.add_argument("--variants", default="default,uniform", help=f"comma list of {sorted(VARIANTS)}")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--retriever", default="role", help="which of the run's retrievers (RETRIEVERS) the variants retrain"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench_retriever_recipes"))
     args = ap.parse_args(argv)
     names = args.variants.split(",")
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     layout = RunLayout.load(args.run)
     dataset, store = load_dataset(layout.data), FeatureStore.load(layout.features)
-    print_table([run_variant(n, args.run, dataset, store, args.device, args.out) for n in names])
+    out = args.out if args.retriever == "role" else args.out / args.retriever
+    out.mkdir(parents=True, exist_ok=True)
+    print_table([run_variant(n, args.run, dataset, store, args.device, out, args.retriever) for n in names])
     return 0
 
 
