@@ -53,8 +53,8 @@ def load_parts(run: Path):
     from caredpo.data import load_dataset
     from caredpo.dpo.prefs import RetrieverReward
     from caredpo.features import FeatureStore
-    from caredpo.io import read_json
     from caredpo.pipeline.layout import RunLayout
+    from caredpo.pipeline.report import run_seed
     from caredpo.retrieval.model import Retriever
     from caredpo.retrieval.score import Scorer
 
@@ -63,7 +63,7 @@ def load_parts(run: Path):
     captioner = VideoCaptioner.from_pretrained(layout.captioner_model("sft")).eval()
     reward = RetrieverReward(Scorer(Retriever.from_pretrained(layout.retriever_model("role")).eval()), store)
     greedy = first_captions(load_captions(layout.captions("sft", "train")))
-    return dataset, store, captioner, reward, greedy, int(read_json(layout.run_json)["seed"])
+    return dataset, store, captioner, reward, greedy, run_seed(layout)
 
 
 def sampled_gflop(captioner, rows: list[dict]) -> float:

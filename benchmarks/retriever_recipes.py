@@ -52,21 +52,15 @@ def variant_config(name: str, seed: int, device: str, retriever: str = "role"):
     return replace(base, model=model, device=device, **over)
 
 
-def run_seed(layout) -> int:
-    """The run's seed: the variants train and draw oracle captions as its own retriever did."""
-    from caredpo.io import read_json
-
-    return int(read_json(layout.run_json)["seed"])
-
-
 def run_variant(name: str, run: Path, dataset, store, device: str, out: Path, retriever: str = "role") -> dict:
     from caredpo.captioner.generate import first_captions, load_captions
     from caredpo.pipeline.layout import RunLayout, TrainerFiles
+    from caredpo.pipeline.report import run_seed
     from caredpo.retrieval.score import evaluate, reference_captions
     from caredpo.retrieval.train import train_retriever
 
     layout = RunLayout.load(run)
-    seed = run_seed(layout)
+    seed = run_seed(layout)  # the variants train and draw oracle captions as the run's retriever did
     cfg = variant_config(name, seed, device, retriever)
     pool = load_captions(layout.captions("sft", "train"))
     t0 = time.perf_counter()
@@ -120,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     from caredpo.features import FeatureStore
     from caredpo.pipeline.layout import RunLayout
 
-    args.out.mkdir(parents=True, exist_ok=True)
     layout = RunLayout.load(args.run)
     dataset, store = load_dataset(layout.data), FeatureStore.load(layout.features)
     out = args.out if args.retriever == "role" else args.out / args.retriever
