@@ -25,12 +25,12 @@ import torch
 # name -> RetrieverTrainConfig overrides on the default preset's role retriever ("model" overrides
 # go to its RetrieverConfig)
 VARIANTS: dict[str, dict] = {
-    "default": {},  # specific queries and captions, 25% generated captions, whole encoder, 100 steps
+    "default": {},  # specific queries and captions, 25% generated captions, whole encoder, 200 steps
     "uniform": {
         "query_sentences": "all",
         "caption_sentences": "all",
         "generated_caption_prob": None,
-        "epochs": 2,
+        "max_steps": 50,
         "model": {"train_layers": 2, "max_caption_tokens": 32},
     },  # the recipe before
     "top2": {"model": {"train_layers": 2}},
@@ -38,8 +38,8 @@ VARIANTS: dict[str, dict] = {
     "gen50": {"generated_caption_prob": 0.5},
     "gen50_nocap20": {"generated_caption_prob": 0.5, "no_caption_prob": 0.2},
     "gen15": {"generated_caption_prob": 0.15},
-    "epochs6": {"epochs": 6},  # 150 steps
-    "epochs8": {"epochs": 8},  # 200 steps
+    "steps100": {"max_steps": 100},  # the preset before (4 epochs of 800 clips)
+    "steps300": {"max_steps": 300},
 }
 
 

@@ -66,7 +66,7 @@ def test_config_rejects_bad_values(bad):
 
 def test_presets():
     d = TwinClipsConfig.preset("default", seed=3)
-    assert (d.train_groups, d.test_groups, d.size, d.frames, d.seed) == (200, 50, 128, 16, 3)
+    assert (d.train_groups, d.test_groups, d.size, d.frames, d.seed) == (500, 50, 128, 16, 3)
     assert SMOKE.train_groups * 4 + SMOKE.test_groups * 4 <= 48
     with pytest.raises(ValueError, match="unknown preset"):
         TwinClipsConfig.preset("huge")

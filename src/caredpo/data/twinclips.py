@@ -71,7 +71,7 @@ class TwinClipsConfig:
 
     @classmethod
     def preset(cls, name: str, seed: int = 0) -> TwinClipsConfig:
-        """ "smoke": 6 + 3 groups (36 clips, 64 px) for tests; "default": 200 + 50 groups."""
+        """ "smoke": 6 + 3 groups (36 clips, 64 px) for tests; "default": 500 + 50 groups."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(seed=seed, **PRESETS[name])
@@ -79,7 +79,7 @@ class TwinClipsConfig:
 
 PRESETS = {
     "smoke": dict(train_groups=6, test_groups=3, frames=16, size=64),
-    "default": dict(train_groups=200, test_groups=50, frames=16, size=128),
+    "default": dict(train_groups=500, test_groups=50, frames=16, size=128),
 }
 
 
