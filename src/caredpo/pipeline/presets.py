@@ -131,14 +131,13 @@ def _smoke(seed: int) -> RunConfig:
 
 def _default(seed: int) -> RunConfig:
     # The choices and the measurements behind them are in docs/results.md. In short: TwinClips with
-    # 500 training twin groups (2000 clips: with 800 the captioner overfitted; with 2000, at the
-    # same SFT cost, every arm gains 9-12 R@1 and DG-DPO states direction right in 45%). SFT on 8 videos x 2
-    # sentences a step after 1000 steps of projector alignment (colour histograms beside the CNN
+    # 500 training twin groups (2000 clips: with 800 the captioner overfitted them and read direction
+    # far worse on test clips; more clips cost features and train captions, not SFT steps). SFT on 8
+    # videos x 2 sentences a step after 1000 steps of projector alignment (colour histograms beside the CNN
     # channels), LoRA on all 30 layers; the targets are the *specific* sentences, so captions state
     # a direction and events for the reward to judge; 4 clip tokens that read the whole trajectory
     # (captioner/model.py Projector). The retriever takes the fine-grained recipe
-    # (retrieval/train.py PRESETS["default"]) for 200 steps (at 100 the oracle captions' twin
-    # accuracy ranged 76-98.5% by seed, at 200 it was 100% on every seed). The preference stage and
+    # (retrieval/train.py PRESETS["default"], 200 steps). The preference stage and
     # both DPO arms use the first 80 training twin groups (320 clips: better than 160 on every seed,
     # as good as 480), one epoch (two made captions worse), with an NLL anchor on the best caption
     # (lambda_nll 0.5: without it the tuned captions drift). Captions may run to 40 tokens: specific
@@ -166,7 +165,7 @@ def _default(seed: int) -> RunConfig:
         ),
         train_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=40, batch_videos=40, seed=seed),
         test_captions=SamplingConfig(n=1, temperature=0.0, max_new_tokens=40, batch_videos=40, seed=seed),
-        retriever=retriever_preset("default", max_steps=200),
+        retriever=retriever_preset("default"),
         prefs=PrefsConfig(num_samples=4, max_new_tokens=40, max_videos=320, seed=seed),
         dg_dpo=DPOConfig.for_mode("dg-dpo", lr=1e-4, epochs=1, lambda_nll=0.5, seed=seed),
         dpo=DPOConfig.for_mode("dpo", lr=1e-4, epochs=1, lambda_nll=0.5, seed=seed),
