@@ -4,7 +4,8 @@
 
 Prints markdown: the results table and the caption-factor table (mean ± sample std; `caredpo
 summary` prints the same numbers), the role retriever's per-seed R@1 and twin accuracy, the
-preference stage's diagnostics (RUN/stages/prefs.json) and, where each run folder holds a
+preference stage's diagnostics per factor (RUN/stages/prefs.json; runs before every factor was
+reported print '-') and, where each run folder holds a
 `reworded.json` (`caredpo eval --run RUN --queries Q.json --out RUN/reworded.json`), the reworded
 queries' rows. Ends with each run's total stage seconds and peak RSS.
 """
@@ -58,20 +59,10 @@ def main(argv: list[str]) -> None:
         )
     )
     P = [json.loads((r / "stages" / "prefs.json").read_text()) for r in runs]
-    print(
-        "\nprefs: "
-        + ", ".join(
-            f"{k} {ms([p[k] * 100 for p in P])}"
-            for k in (
-                "direction_any_right",
-                "direction_best_right",
-                "direction_pair_acc",
-                "events_any_right",
-                "events_best_right",
-                "events_pair_acc",
-            )
-        )
-    )
+    print("\n| reward (prefs.json), % | " + " | ".join(facs) + " |\n|---|" + "---|" * len(facs))
+    for stat in ("any_right", "best_right", "pair_acc"):
+        cell = lambda f, stat=stat: ms([p[f"{f}_{stat}"] * 100 for p in P]) if f"{f}_{stat}" in P[0] else "-"
+        print(f"| {stat} | " + " | ".join(cell(f) for f in facs) + " |")
     rw = [r / "reworded.json" for r in runs]
     if all(p.exists() for p in rw):
         W = [json.loads(p.read_text())["arms"] for p in rw]

@@ -17,6 +17,7 @@ from caredpo.dpo.prefs import (
     build_preferences,
     factor_diagnostics,
     hard_negatives,
+    summarize,
 )
 from caredpo.dpo.train import load_groups
 from caredpo.records import DataError, Dataset, Sentence, Video
@@ -246,3 +247,24 @@ def test_factor_diagnostics_by_hand():
     # pairs (right, wrong): row 1: (0,1) win, (0,2) "a circle" is wrong too: tie -> 0.5; row 2: (1,0) loss, (1,2) tie
     assert d["direction_pair_acc"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
     assert factor_diagnostics(rows, ds, "events") == {}  # the clips have no events
+
+
+def test_summary_reports_every_factor_the_clips_have():
+    # a reward that prefers the wrong size shows as size pair accuracy 0, next to the right direction
+    ds = Dataset(
+        "/nowhere",
+        [Video("v0", "v0.mp4", "train", "g0", factors={"size": "large", "motion": "left-to-right"})],
+        [Sentence("v0", "a big circle moves from left to right", "specific")],
+    )
+    rows = [
+        {
+            "video_id": "v0",
+            "captions": ["a small circle moves from left to right", "a big circle moves from right to left"],
+            "rewards": [1.0, 0.0],
+            "best": 0,
+        }
+    ]
+    s = summarize(rows, ds)
+    assert s["size_pair_acc"] == 0.0 and s["size_best_right"] == 0.0
+    assert s["direction_pair_acc"] == 1.0 and s["direction_best_right"] == 1.0
+    assert not any(k.startswith(("colour_", "events_")) for k in s)  # factors the clip lacks

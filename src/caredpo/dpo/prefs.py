@@ -252,7 +252,10 @@ def _lengths(captioner, caps: list[str]) -> list[int]:
 
 
 def _rewards(reward, dataset, v, caps, negs, greedy, config) -> torch.Tensor:
-    """[K] rewards of v's sampled captions against its twins carrying their greedy captions."""
+    """[K] rewards of v's sampled captions against its twins carrying their greedy captions.
+    The twins' logits do not depend on c, so under each query r is monotone in S(q, v, c): the
+    twins set where a query's term saturates, not the order of the captions under it. The reward
+    sees only what S reads."""
     queries = SENTENCE_POOLS[config.reward_queries](dataset, v)
     logits = reward.logits(queries, [v] * len(caps) + list(negs), list(caps) + [greedy[u] for u in negs])
     return REWARDS[config.reward](logits, len(caps))
@@ -274,12 +277,13 @@ def summarize(rows: Sequence[dict], dataset: Dataset | None = None) -> dict:
         "share_all_tied": (spread == 0).float().mean().item(),
         "distinct_caption_share": sum(distinct) / len(distinct),
     }
-    for factor in FINE_FACTORS if dataset is not None else ():
+    from ..captioner.factors import FACTORS
+
+    # every factor, not only those that tell twins apart: a reward blind to one (size, which
+    # twins share) lets DPO drift on it
+    for factor in FACTORS if dataset is not None else ():
         out.update(factor_diagnostics(rows, dataset, factor))
     return out
-
-
-FINE_FACTORS = ("direction", "events")  # the factors that tell twins apart
 
 
 def factor_diagnostics(rows: Sequence[dict], dataset: Dataset, factor: str) -> dict:
