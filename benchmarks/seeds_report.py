@@ -4,10 +4,9 @@
 
 Prints markdown: the results table and the caption-factor table (mean ± sample std; `caredpo
 summary` prints the same numbers), the role retriever's per-seed R@1 and twin accuracy, the
-preference stage's diagnostics per factor (RUN/stages/prefs.json; runs before every factor was
-reported print '-') and, where each run folder holds a
-`reworded.json` (`caredpo eval --run RUN --queries Q.json --out RUN/reworded.json`), the reworded
-queries' rows. Ends with each run's total stage seconds and peak RSS.
+preference stage's diagnostics per factor (RUN/stages/prefs.json; runs from before every factor
+was reported print '-') and, where each run folder holds a `reworded.json` (`caredpo eval --run
+RUN --queries Q.json --out RUN/reworded.json`), the reworded queries' rows. Ends with each run's total stage seconds and peak RSS.
 """
 
 from __future__ import annotations

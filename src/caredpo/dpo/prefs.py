@@ -264,6 +264,8 @@ def _rewards(reward, dataset, v, caps, negs, greedy, config) -> torch.Tensor:
 def summarize(rows: Sequence[dict], dataset: Dataset | None = None) -> dict:
     """Numbers that tell whether the rewards can teach anything: spread, ties, diversity and, where
     the data set has clip factors, whether the reward prefers the samples that state them right."""
+    from ..captioner.factors import FACTORS
+
     if not rows:
         return {"videos": 0}
     r = torch.tensor([row["rewards"] for row in rows if len(row["rewards"]) == len(rows[0]["rewards"])])
@@ -277,8 +279,6 @@ def summarize(rows: Sequence[dict], dataset: Dataset | None = None) -> dict:
         "share_all_tied": (spread == 0).float().mean().item(),
         "distinct_caption_share": sum(distinct) / len(distinct),
     }
-    from ..captioner.factors import FACTORS
-
     # every factor, not only those that tell twins apart: a reward blind to one (size, which
     # twins share) lets DPO drift on it
     for factor in FACTORS if dataset is not None else ():
