@@ -244,6 +244,24 @@ def test_training_separates_winners(tok, tmp_path):
     assert rows[-1]["margin"] > 0 and rows[-1]["reward_acc"] > 0.5
 
 
+def test_metrics_pool_each_pass_over_its_steps(tok, tmp_path):
+    """metrics.json's `passes`: per epoch, accuracies weighted by their counts, as a naive loop pools them."""
+    path, feats = _setup(tok, tmp_path, groups=2)
+    cfg = DPOConfig(epochs=2, lr=3e-3, lambda_nll=0.1, save_every=0)
+    summary = train_dpo(TinyPolicy(tok), path, feats, tmp_path / "run", cfg, show_progress=False)
+    rows = metrics_rows(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["passes"] == summary["passes"]
+    assert [p["epoch"] for p in summary["passes"]] == [0, 1]
+    for p in summary["passes"]:
+        mine = [r for r in rows if r["epoch"] == p["epoch"]]
+        assert p["steps"] == len(mine) == 2  # two twin groups, one a step
+        pairs = sum(r["n_pairs"] for r in mine)
+        assert p["reward_acc"] == pytest.approx(sum(r["reward_acc"] * r["n_pairs"] for r in mine) / pairs, abs=1e-4)
+        twins = sum(r["twins"] for r in mine)
+        assert p["video_acc"] == pytest.approx(sum(r["video_acc"] * r["twins"] for r in mine) / twins, abs=1e-4)
+        assert p["loss_nll"] == pytest.approx(sum(r["loss_nll"] * r["nll_videos"] for r in mine) / 6, abs=1e-4)
+
+
 def test_cli_registers_dpo_command():
     import typer
     from typer.testing import CliRunner

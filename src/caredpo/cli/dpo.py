@@ -70,6 +70,12 @@ def dpo(
         main = dist.is_main()
     if main:
         print(f"{cfg.mode}: {summary['steps']}/{summary['total_steps']} steps; metrics {summary['metrics']}")
+        for p in summary["passes"]:  # the first pass's groups are new to the policy: held-out accuracies
+            seen = "new" if p["epoch"] == 0 else "seen"
+            print(
+                f"  pass {p['epoch'] + 1} ({p['steps']} steps, groups {seen}): caption pairs ordered right "
+                f"{p['reward_acc']}, video group {p['video_acc']}"
+            )
 
 
 def _feature_fn(policy, features_dir: Path | None, data: Path | None):

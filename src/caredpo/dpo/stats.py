@@ -3,7 +3,7 @@
 A field is one of
     mean over a count field (`_mean("n_pairs")`): a per-item average; across processes, the
         count-weighted mean; `empty` when nothing was averaged (0.0 for a loss term, else NaN)
-    count (`_count()`): summed across processes; `logged=False` keeps it out of the metrics log
+    count (`_count()`): summed across processes
     total (`loss`): this process's share of the batch loss, summed across processes
 A loss term `x` has `loss_x` (its mean over videos) and the count `x_videos`; so adding a term is
 adding its two fields here and its computation in `loss.dg_dpo_terms`: combining, the empty values
@@ -13,7 +13,7 @@ and the readers (progress bar, error messages, logs, report) follow from the fie
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -24,8 +24,8 @@ def _mean(over: str, empty: float | None = _NAN) -> Any:
     return field(default=empty, metadata={"kind": "mean", "over": over, "empty": empty})
 
 
-def _count(logged: bool = True) -> Any:
-    return field(default=0, metadata={"kind": "count", "logged": logged})
+def _count() -> Any:
+    return field(default=0, metadata={"kind": "count"})
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,15 @@ class DPOStats:
     video_margin: float = _mean("twins")  # mean beta * (h(v, c*) - h(u, c*))
     loss_nll: float | None = _mean("nll_videos", None)  # per-token NLL of c*; None: the term is off
     loss: float = field(default=0.0, metadata={"kind": "total"})  # L (this process's share of it)
-    caption_videos: int = _count(logged=False)
-    video_videos: int = _count(logged=False)
-    nll_videos: int = _count(logged=False)
-    twins: int = _count(logged=False)  # (video, twin) entries in the video group
+    caption_videos: int = _count()
+    video_videos: int = _count()
+    nll_videos: int = _count()
+    twins: int = _count()  # (video, twin) entries in the video group
 
     def to_row(self) -> dict[str, Any]:
-        """The fields a metrics-log row carries (a term that is off is left out)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.metadata.get("logged", True) and getattr(self, f.name) is not None
-        }
+        """The fields a metrics-log row carries (a term that is off is left out). The counts are
+        logged too, so that rows combine again (`combine`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> DPOStats:
@@ -91,6 +88,12 @@ def weighted_sums(stats: DPOStats) -> list[float]:
             value = value * count if count > 0 else 0.0  # NaN means of no items drop out
         out.append(float(value))
     return out
+
+
+def combine(records: Iterable[DPOStats]) -> DPOStats:
+    """Several batches' stats as one (the steps of a pass; the processes of a step do the same by
+    an all-reduce of `weighted_sums`): means weighted by their counts, counts and `loss` summed."""
+    return from_sums([sum(column) for column in zip(*map(weighted_sums, records))])
 
 
 def from_sums(sums: list[float]) -> DPOStats:

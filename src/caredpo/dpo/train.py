@@ -57,7 +57,7 @@ from ..training import (
 )
 from .batch import FeatureFn, batch_loss, shared_loss
 from .config import DPOConfig
-from .stats import DPOStats
+from .stats import DPOStats, combine
 
 CHECKPOINT = CHECKPOINT_DIR  # out_dir/CHECKPOINT exists once a run has saved (`resume=True` continues from it)
 HINT = "Lower the learning rate or beta, or check the reference log-probs in the preference file."
@@ -184,6 +184,7 @@ def train_dpo(
         "finished": run.step >= total,
         "checkpoint": str(run.checkpoint.path),
         "metrics": str(out / LOG_FILE),
+        "passes": pass_stats(metrics_rows(out)) if dist.is_main() else [],
     }
     if dist.is_main():
         write_json(out / SUMMARY_FILE, summary)
@@ -277,3 +278,25 @@ def metrics_rows(out_dir: str | Path) -> list[dict]:
 def read_stats(out_dir: str | Path) -> list[tuple[int, DPOStats]]:
     """(step, stats) of every logged step of a run."""
     return [(row["step"], DPOStats.from_row(row)) for row in metrics_rows(out_dir)]
+
+
+PASS_FIELDS = ("reward_acc", "margin", "video_acc", "video_margin", "loss_nll")
+
+
+def pass_stats(rows: Sequence[dict]) -> list[dict]:
+    """One entry per pass over the groups (the log rows' `epoch`): its steps and their stats combined.
+
+    In the first pass every step meets twin groups the policy has not been trained on, so its
+    reward_acc and video_acc are held-out numbers (progressive validation): how far the
+    preferences learned so far carry to new groups. A later pass shows how well the seen ones fit."""
+    out = []
+    for epoch in sorted({row["epoch"] for row in rows}):
+        steps = [DPOStats.from_row(row) for row in rows if row["epoch"] == epoch]
+        pooled = combine(steps)
+        out.append({"epoch": epoch, "steps": len(steps), **{k: _rounded(getattr(pooled, k)) for k in PASS_FIELDS}})
+    return out
+
+
+def _rounded(x: float | None) -> float | None:
+    """4 decimals; None for a term that is off or a mean over nothing (NaN is not JSON)."""
+    return None if x is None or not math.isfinite(x) else round(x, 4)
