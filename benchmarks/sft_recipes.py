@@ -35,14 +35,14 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def run_variant(name: str, dataset, store, device: str, out: Path, lm: str = "smollm2") -> dict:
+def run_variant(name: str, dataset, store, device: str, out: Path, lm: str = "smollm2", seed: int = 0) -> dict:
     from caredpo.captioner.factors import factor_scores
     from caredpo.captioner.model import VideoCaptioner
     from caredpo.captioner.sft import train_sft
     from caredpo.pipeline.presets import run_config
 
     sft_over, cap_over = VARIANTS[name]
-    preset = run_config("default", seed=0)
+    preset = run_config("default", seed=seed)  # the run's seed: `default` is that run's own SFT
     sft = replace(preset.sft, val_every=0, save_every=0, **sft_over)  # val loss once, at the end
     model = VideoCaptioner(replace(preset.captioner, lm=lm, **cap_over)).to(device)
     t0 = time.perf_counter()
@@ -55,7 +55,7 @@ def run_variant(name: str, dataset, store, device: str, out: Path, lm: str = "sm
         captions += [
             c[0]
             for c in model.generate(
-                feats, n=1, temperature=0.0, max_new_tokens=preset.test_captions.max_new_tokens, seed=0
+                feats, n=1, temperature=0.0, max_new_tokens=preset.test_captions.max_new_tokens, seed=seed
             )
         ]
     row = {
@@ -96,11 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     from caredpo.data import load_dataset
     from caredpo.features import FeatureStore
     from caredpo.pipeline.layout import RunLayout
+    from caredpo.pipeline.report import run_seed
 
     args.out.mkdir(parents=True, exist_ok=True)
     layout = RunLayout.load(args.run)
     dataset, store = load_dataset(layout.data), FeatureStore.load(layout.features)
-    print_table([run_variant(n, dataset, store, args.device, args.out, args.lm) for n in names])
+    seed = run_seed(layout)
+    print_table([run_variant(n, dataset, store, args.device, args.out, args.lm, seed) for n in names])
     return 0
 
 
