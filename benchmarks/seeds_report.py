@@ -5,8 +5,10 @@
 Prints markdown: the results table and the caption-factor table (mean ± sample std; `caredpo
 summary` prints the same numbers), the role retriever's per-seed R@1 and twin accuracy, the
 preference stage's diagnostics per factor (RUN/stages/prefs.json; runs from before every factor
-was reported print '-') and, where each run folder holds a `reworded.json` (`caredpo eval --run
-RUN --queries Q.json --out RUN/reworded.json`), the reworded queries' rows. Ends with each run's total stage seconds and peak RSS.
+was reported print '-'), both DPO arms' first-pass accuracies (held out: docs/design.md, "DG-DPO:
+our reconstruction"; '-' for runs from before they were kept) and, where each run folder holds a
+`reworded.json` (`caredpo eval --run RUN --queries Q.json --out RUN/reworded.json`), the reworded
+queries' rows. Ends with each run's total stage seconds and peak RSS.
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ def main(argv: list[str]) -> None:
     for stat in ("any_right", "best_right", "pair_acc"):
         cell = lambda f, stat=stat: ms([p[f"{f}_{stat}"] * 100 for p in P]) if f"{f}_{stat}" in P[0] else "-"
         print(f"| {stat} | " + " | ".join(cell(f) for f in facs) + " |")
+    print(
+        "\n| DPO arm, first pass (groups new to the policy) | caption pairs ordered right | video group |\n|---|---|---|"
+    )
+    for arm in ("dpo", "dg_dpo"):
+        first = [_first_pass(r / "captioner" / arm / "metrics.json") for r in runs]
+        cell = lambda k, first=first: "-" if None in first else ms([f[k] for f in first])
+        print(f"| {arm} | {cell('reward_acc')} | {cell('video_acc')} |")
     rw = [r / "reworded.json" for r in runs]
     if all(p.exists() for p in rw):
         W = [json.loads(p.read_text())["arms"] for p in rw]
@@ -74,6 +83,12 @@ def main(argv: list[str]) -> None:
     print(
         "\nstage seconds:", [r["meta"]["total_stage_seconds"] for r in R], "rss", [r["meta"]["peak_rss_mb"] for r in R]
     )
+
+
+def _first_pass(metrics: Path) -> dict | None:
+    """A DPO arm's first-pass stats (metrics.json `passes`); None for runs from before they were kept."""
+    passes = json.loads(metrics.read_text()).get("passes") if metrics.exists() else None
+    return passes[0] if passes else None
 
 
 if __name__ == "__main__":
