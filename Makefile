@@ -24,13 +24,17 @@ $(STAMP): requirements.txt pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# NPROC=2: the same run over 2 processes of 1 thread each (torchrun; README, "Multi-process")
+NPROC   ?= 1
+CAREDPO := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) --no-python )$(VENV)/bin/caredpo
+
 run: setup
-	$(VENV)/bin/caredpo run --preset $(PRESET) --seed $(SEED) --out $(OUT)
+	$(CAREDPO) run --preset $(PRESET) --seed $(SEED) --out $(OUT)
 
 # The experiment over several seeds, then mean ± std of every arm: make seeds SEEDS="0 1 2"
 SEEDS ?= 0 1 2
 seeds: setup
-	for s in $(SEEDS); do $(VENV)/bin/caredpo run --preset $(PRESET) --seed $$s --out runs/$(PRESET)-s$$s || exit 1; done
+	for s in $(SEEDS); do $(CAREDPO) run --preset $(PRESET) --seed $$s --out runs/$(PRESET)-s$$s || exit 1; done
 	$(VENV)/bin/caredpo summary $(foreach s,$(SEEDS),runs/$(PRESET)-s$(s))
 
 test: setup

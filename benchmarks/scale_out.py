@@ -1,15 +1,18 @@
-"""Scale-out benchmark: DG-DPO steps/s with 1 vs 2 processes; exact torch vs FAISS search at 1M.
+"""Scale-out benchmark: how to spend the cores (threads or processes) on SFT and DG-DPO steps;
+exact torch vs FAISS search at 1M.
 
     python benchmarks/scale_out.py [--run runs/default-s0] [--steps 4] [--repeats 3]
-                                   [--gallery 1000000] [--hnsw] [--skip-dpo] [--skip-search]
+                                   [--gallery 1000000] [--hnsw] [--skip-sft] [--skip-dpo] [--skip-search]
 
-1. DG-DPO: the run's SFT captioner (SmolLM2-135M, LoRA on the top layers + projector) on the run's
-   preference groups, 2 twin groups a step (the same global batch in both arms), gloo, one torch
-   thread per process; both arms are started with torch.multiprocessing.spawn, so start-up is
-   alike and untimed. Step time = median over the steps after one warm-up step (rank 0's, its
-   collectives included); steps/s = median over repeats. On 2 free cores the 2-process arm could
-   approach 2x; on a shared machine it gets what the other jobs leave. Without the run's files
-   a tiny random captioner on synthetic groups stands in (the numbers then say little).
+1. Training steps, three ways of using 2 cores on the same global batch: 1 process x 1 thread,
+   1 process x 2 threads (torch intra-op threads), 2 processes x 1 thread (gloo, data-parallel as
+   under torchrun). SFT: the run's SFT captioner (SmolLM2-135M, LoRA + projector) on the preset's
+   step (8 videos x 2 sentences of the run's train split). DG-DPO: the same captioner on the run's
+   preference groups, 2 twin groups a step. Every arm is started with torch.multiprocessing.spawn,
+   so start-up is alike and untimed. Step time = median over the steps after one warm-up step
+   (rank 0's wall time, its collectives included); the row's value = median over repeats. The
+   rows are only meaningful on free cores (the load is printed). Without the run's files a tiny
+   random captioner on synthetic data stands in (the numbers then say little).
 2. Search: 1000 queries vs a clustered gallery of unit vectors (384-d, like MiniLM embeddings),
    top-10: torch exact (matmul + topk in chunks), FAISS IndexFlatIP (exact), FAISS HNSW32 only with
    --hnsw (its build takes minutes at 1M); recall@10 against exact. Then the evaluation's
@@ -85,35 +88,106 @@ def _tiny_inputs():
     return policy, rows, lambda vs: torch.stack([table[v] for v in vs])
 
 
-def _dpo_worker(rank: int, world: int, port: int, run: str | None, out: str, steps: int) -> None:
+ARMS = ((1, 1), (1, 2), (2, 1))  # (processes, threads a process)
+
+
+def _sft_inputs(run: Path | None):
+    """(captioner, dataset, store, SFTConfig): the run's SFT captioner and data at the default
+    preset's step shape, or tiny stand-ins."""
+    from dataclasses import replace
+
+    from caredpo.pipeline.presets import run_config
+
+    cfg = run_config("default", 0).sft
+    if run is None:
+        return _tiny_sft_inputs(replace(cfg, val_fraction=0.0))
+    from caredpo.captioner.model import VideoCaptioner
+    from caredpo.data.splits import with_features
+    from caredpo.features import FeatureStore
+    from caredpo.pipeline.layout import RunLayout
+    from caredpo.pipeline.stages import run_dataset
+
+    layout = RunLayout.load(run)
+    store = FeatureStore.load(layout.features)
+    ds = with_features(run_dataset(layout.data_source(), 0, log=lambda s: None), store.ids, str(layout.features))
+    return VideoCaptioner.from_pretrained(layout.captioner_model("sft")), ds, store, cfg
+
+
+class _TinyStore:
+    """What the SFT trainer reads of a FeatureStore: ids and grid_feats."""
+
+    def __init__(self, ids: list[str], width: int):
+        self.ids, self._f = ids, dict(zip(ids, torch.randn(len(ids), 4, 4, width)))
+
+    def grid_feats(self, ids) -> torch.Tensor:
+        return torch.stack([self._f[i] for i in ids])
+
+
+def _tiny_sft_inputs(cfg):
+    from caredpo.captioner.model import CaptionerConfig, VideoCaptioner
+    from caredpo.records import Dataset, Sentence, Video
+
+    torch.manual_seed(0)
+    model = VideoCaptioner(CaptionerConfig(lm="tiny", feature_dim=64, num_frames=4, projector_hidden=64))
+    videos = [Video(f"v{i}", f"v{i}.mp4", "train", group=f"g{i}") for i in range(16)]
+    sentences = [Sentence(v.id, f"a red circle moves {d}") for v in videos for d in ("up", "down")]
+    store = _TinyStore([v.id for v in videos], model.config.input_dim)
+    return model, Dataset(root=".", videos=videos, sentences=sentences), store, cfg
+
+
+def _timed(module, name: str, wall: list[float]):
+    """Wrap module.name so each call's wall seconds are appended to `wall`."""
+    fn = getattr(module, name)
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        wall.append(time.perf_counter() - t0)
+        return out
+
+    setattr(module, name, timed)
+
+
+def _sft(run: Path | None, out: str, steps: int) -> list[float]:
+    from dataclasses import replace
+
+    import caredpo.captioner.sft as sft
+
+    wall: list[float] = []
+    _timed(sft, "train_step", wall)
+    model, ds, store, cfg = _sft_inputs(run)
+    cfg = replace(cfg, steps=steps + 1, align_steps=0, val_every=0, val_videos=0, save_every=10**6)
+    sft.train_sft(model, ds, store, out, cfg, show_progress=False, log=lambda s: None)
+    return wall
+
+
+def _dpo(run: Path | None, out: str, steps: int) -> list[float]:
+    import caredpo.dpo.train as trainer
+    from caredpo.dpo.config import DPOConfig
+
+    wall: list[float] = []
+    _timed(trainer, "_step", wall)
+    policy, rows, feats = _dpo_inputs(run)
+    cfg = DPOConfig(groups_per_batch=2, max_steps=steps + 1, save_every=10**6, lr=1e-5)
+    trainer.train_dpo(policy, rows, feats, out, cfg, show_progress=False)
+    return wall
+
+
+KINDS = {"sft": _sft, "dg-dpo": _dpo}
+
+
+def _worker(rank: int, world: int, threads: int, port: int, kind: str, run: str | None, out: str, steps: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
     )
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft vs transformers 5
-    import caredpo.dpo.train as trainer
     from caredpo import dist
 
-    cpu: list[float] = []
-    step = trainer._step
-
-    def timed_step(*a, **kw):  # CPU seconds of this process per step: the work each process does
-        t0 = time.process_time()
-        out = step(*a, **kw)
-        cpu.append(time.process_time() - t0)
-        return out
-
-    trainer._step = timed_step
     with dist.session():
-        policy, rows, feats = _dpo_inputs(Path(run) if run else None)
-        from caredpo.dpo.config import DPOConfig
-
-        cfg = DPOConfig(groups_per_batch=2, max_steps=steps + 1, save_every=10**6, lr=1e-5)
-        trainer.train_dpo(policy, rows, feats, out, cfg, show_progress=False)
-        Path(out, f"cpu{dist.rank()}.json").write_text(json.dumps(cpu[1:]))
+        wall = KINDS[kind](Path(run) if run else None, out, steps)
         if dist.is_main():
-            times = [r["time_s"] for r in trainer.metrics_rows(out)][1:]  # the first step warms up
-            Path(out, "step_times.json").write_text(json.dumps(times))
+            Path(out, "step_times.json").write_text(json.dumps(wall[1:]))  # the first step warms up
 
 
 def _free_port() -> int:
@@ -122,25 +196,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def dpo_rows(run: Path | None, steps: int, repeats: int) -> list[tuple[int, float, float, list[float]]]:
-    """[(processes, median step s over repeats, median CPU s a step per process, per-repeat medians)]."""
+def step_rows(kind: str, run: Path | None, steps: int, repeats: int) -> list[tuple[int, int, float, list[float]]]:
+    """[(processes, threads, median step s over repeats, per-repeat medians)] for each of ARMS."""
     import torch.multiprocessing as mp
 
     out = []
-    for world in (1, 2):
-        medians, cpu = [], []
+    for world, threads in ARMS:
+        medians = []
         for _ in range(repeats):
             with tempfile.TemporaryDirectory() as tmp:
-                mp.spawn(
-                    _dpo_worker,
-                    args=(world, _free_port(), str(run) if run else None, tmp, steps),
-                    nprocs=world,
-                    join=True,
-                )
+                args = (world, threads, _free_port(), kind, str(run) if run else None, tmp, steps)
+                mp.spawn(_worker, args=args, nprocs=world, join=True)
                 medians.append(statistics.median(json.loads(Path(tmp, "step_times.json").read_text())))
-                cpu += [statistics.median(json.loads(Path(tmp, f"cpu{r}.json").read_text())) for r in range(world)]
-        out.append((world, statistics.median(medians), statistics.median(cpu), medians))
+        out.append((world, threads, statistics.median(medians), medians))
     return out
+
+
+def print_steps(kind: str, run: Path | None, steps: int, repeats: int) -> None:
+    what = f"{run}: its SFT captioner" if run else "tiny random captioner (no run found)"
+    shape = "8 videos x 2 sentences a step" if kind == "sft" else "2 twin groups a step"
+    print(
+        f"\n{kind}, {what}, {shape}; median step of {steps} (after 1 warm-up), median of {repeats} repeats",
+        flush=True,
+    )
+    rows = step_rows(kind, run, steps, repeats)
+    base = rows[0][2]
+    print(f"{'processes':>9s} {'threads':>8s} {'step s':>8s} {'steps/s':>8s} {'vs 1x1':>7s}  per-repeat medians")
+    for world, threads, sec, medians in rows:
+        print(
+            f"{world:9d} {threads:8d} {sec:8.2f} {1 / sec:8.3f} {base / sec:6.2f}x  "
+            + " ".join(f"{m:.2f}" for m in medians),
+            flush=True,
+        )
+    print(f"machine load after the rows (1-min average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 # ---------------------------------------------------------------- search at scale
@@ -206,37 +294,20 @@ def search_rows(n_gallery: int, repeats: int, hnsw: bool) -> tuple[list[tuple], 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs/default-s0"), help="a finished run (captioner, prefs)")
-    ap.add_argument("--steps", type=int, default=4, help="timed DG-DPO steps per repeat (after 1 warm-up)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per repeat and arm (after 1 warm-up)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gallery", type=int, default=1_000_000)
     ap.add_argument("--threads", type=int, default=2, help="threads of the search part")
     ap.add_argument("--hnsw", action="store_true", help="also build HNSW32 (minutes at 1M)")
-    ap.add_argument("--skip-dpo", action="store_true")
+    ap.add_argument("--skip-sft", action="store_true")
+    ap.add_argument("--skip-dg-dpo", "--skip-dpo", dest="skip_dg_dpo", action="store_true")
     ap.add_argument("--skip-search", action="store_true")
     args = ap.parse_args()
-    if not args.skip_dpo:
-        from caredpo.pipeline.layout import RunLayout
+    from caredpo.pipeline.layout import RunLayout
 
-        run = args.run if RunLayout.load(args.run).groups.exists() else None
-        what = f"{run}: SFT captioner, its preference groups" if run else "tiny random captioner (no run found)"
-        print(
-            f"DG-DPO, {what}; 2 twin groups a step, gloo, 1 thread a process; "
-            f"median step of {args.steps} (after 1 warm-up), median of {args.repeats} repeats",
-            flush=True,
-        )
-        rows = dpo_rows(run, args.steps, args.repeats)
-        base = rows[0][1]
-        print(
-            f"{'processes':>9s} {'step s':>8s} {'steps/s':>8s} {'groups/s':>9s} {'speed-up':>9s} "
-            f"{'CPU s/step/proc':>16s}  per-repeat medians"
-        )
-        for world, sec, cpu, medians in rows:
-            print(
-                f"{world:9d} {sec:8.2f} {1 / sec:8.3f} {2 / sec:9.3f} {base / sec:8.2f}x {cpu:16.2f}  "
-                + " ".join(f"{m:.2f}" for m in medians),
-                flush=True,
-            )
-        print(f"machine load while measured (1-min average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    run = args.run if RunLayout.load(args.run).groups.exists() else None
+    for kind in [k for k in KINDS if not getattr(args, f"skip_{k.replace('-', '_')}")]:
+        print_steps(kind, run, args.steps, args.repeats)
     if not args.skip_search:
         import faiss
 

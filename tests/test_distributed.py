@@ -149,6 +149,20 @@ class _Counting:
         return self.model.generate(feats, **kw)
 
 
+def _sft_inputs():
+    """Tiny captioner, 5 clips (ragged shares of a 3-video step), alignment and SFT with a val pass."""
+    from caredpo.captioner.model import VideoCaptioner
+    from caredpo.captioner.sft import SFTConfig
+    from test_captioner import TINY, FakeStore, tiny_dataset
+
+    ds = tiny_dataset(6)
+    cfg = SFTConfig(
+        steps=4, videos_per_step=3, captions_per_video=2, lr_projector=1e-2, lr_lora=1e-2, warmup_steps=1,
+        val_fraction=0.2, val_every=2, save_every=2, align_steps=3, align_batch_videos=3,
+    )  # fmt: skip
+    return VideoCaptioner(TINY), ds, FakeStore([v.id for v in ds.videos]), cfg
+
+
 def _prefs_inputs():
     from test_dpo_prefs import ListCaptioner, Store, WordScorer, dataset
 
@@ -178,12 +192,15 @@ def _worker(rank: int, port: int, root: str) -> None:
 
 def _scenarios(root: Path) -> None:
     from caredpo.captioner.generate import generate_captions
+    from caredpo.captioner.sft import train_sft
     from caredpo.cli import main
     from caredpo.dpo.prefs import PrefsConfig, RetrieverReward, build_preferences
     from caredpo.retrieval.train import train_retriever
     from test_retriever import synthetic
 
     assert main(_dpo_args(root, "dpo2")) == 0  # the CLI, as torchrun runs it
+    model, ds, store, cfg = _sft_inputs()
+    train_sft(model, ds, store, root / "sft2", cfg, show_progress=False, log=lambda s: None)
     ds, feats = synthetic()
     train_retriever(_retriever_cfg(), ds, feats, root / "ret2", progress=False)
     generate_captions(_gen_model(root), _gen_store(), CAP_IDS, root / "caps2.jsonl", _sampling(), show_progress=False)
@@ -281,6 +298,31 @@ def test_dg_dpo_two_processes_equal_one(root):
             assert b[k] == pytest.approx(a[k], abs=1e-5), k
         assert (a["n_pairs"], a["videos"]) == (b["n_pairs"], b["videos"])
     assert (root / "dpo2" / "model" / "config.json").exists()
+
+
+def test_sft_two_processes_equal_one(root):
+    from caredpo.captioner.model import VideoCaptioner
+    from caredpo.captioner.sft import run_weights, train_sft
+
+    model, ds, store, cfg = _sft_inputs()
+    start = {n: t.clone() for n, t in run_weights(model).items()}
+    one = train_sft(model, ds, store, root / "sft1", cfg, show_progress=False, log=lambda s: None)
+    two = VideoCaptioner.from_pretrained(root / "sft2" / "model")
+    w1, w2 = run_weights(model), run_weights(two)
+    assert w1.keys() == w2.keys()
+    for name, p in w1.items():  # Adam's first steps turn summation-order noise into ~1e-5 moves
+        torch.testing.assert_close(w2[name], p, atol=1e-4, rtol=0, msg=name)
+    assert all(not torch.equal(p, start[n]) for n, p in w1.items() if "lora_A" not in n)  # all trained
+    rows = lambda run: list(read_jsonl(root / run / "log.jsonl"))  # noqa: E731
+    assert [r["step"] for r in rows("sft2")] == [1, 2, 3, 4]
+    for a, b in zip(rows("sft1"), rows("sft2")):  # rank 0 logs the whole step's loss
+        assert b.keys() == a.keys() and b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b.get("val_loss") == pytest.approx(a.get("val_loss"), abs=1e-5)
+    align = lambda run: json.loads((root / run / "align.json").read_text())  # noqa: E731
+    assert align("sft2")["last_loss"] == pytest.approx(align("sft1")["last_loss"], abs=1e-5)
+    summary = json.loads((root / "sft2" / "metrics.json").read_text())
+    assert summary["processes"] == 2 and one["processes"] == 1
+    assert summary["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-5)
 
 
 def _initial_trainable(root: Path) -> dict:

@@ -181,6 +181,47 @@ def test_readme_stage_commands_reproduce_caredpo_run(smoke_run, tmp_path):
     assert got["caption_factors"] == want["caption_factors"]
 
 
+def _run_worker(rank: int, port: int, out: str) -> None:
+    """One process of `torchrun --nproc_per_node=2 caredpo run --preset smoke` (gloo, 1 thread)."""
+    import os
+
+    import torch
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    assert main(["run", "--preset", "smoke", "--seed", "0", "--out", out]) == 0
+
+
+def test_two_processes_run_every_stage_once(smoke_run, tmp_path):
+    """`caredpo run` under torchrun: each stage once, the DPO arms side by side on the two processes,
+    rank 0's stages on rank 0, a results file with every row of the one-process run. This checks the
+    plumbing; `test_distributed` checks that the data-parallel maths equals one process's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two"
+    mp.spawn(_run_worker, args=(port, str(out)), nprocs=2, join=True)
+    markers = {p.stem: json.loads(p.read_text()) for p in (out / "stages").glob("*.json")}
+    assert set(markers) == set(STAGES)
+    assert {markers["dpo"]["process"], markers["dg_dpo"]["process"]} == {0, 1}  # side by side
+    assert markers["evaluate"]["process"] == markers["features"]["process"] == 0  # rank 0's stages
+    assert "2 processes" in (out / "run.log").read_text().splitlines()[0]
+    want, got = (json.loads((r / "results.json").read_text()) for r in (smoke_run, out))
+    assert got["arms"].keys() == want["arms"].keys()
+    for arm, rows in got["arms"].items():
+        assert rows.keys() == want["arms"][arm].keys()
+        for m in rows.values():
+            _check_metrics(m)
+    for name in RETRIEVERS:  # each retriever trained whole in one process
+        assert TrainerFiles(out / "retriever" / name).finished
+
+
 def test_prefs_stage_with_the_reranker_as_reward(smoke_run, tmp_path):
     """reward_model "reranker": the stage's rows carry the reranker's rewards (not the retriever's)."""
     from dataclasses import replace

@@ -10,6 +10,10 @@ a group every helper is the identity of a world of one process. Backend: gloo fo
 nccl for CUDA tensors where CUDA exists ("cpu:gloo,cuda:nccl"); collectives pick by tensor device.
 Gradients are all-reduced explicitly after backward (not DDP): the captioner trains through
 `.logprob(...)`, not `forward`, and the maths stays visible in the trainers.
+
+    with dist.alone():        # inside: this process is a world of one (rank 0, no collectives)
+
+lets `caredpo run` give independent stages (the two DPO arms, the retrievers) one process each.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -28,21 +33,51 @@ def _td():
     return td
 
 
+_alone = threading.local()  # set inside `alone()`: this thread acts as a world of one
+
+
 def is_initialized() -> bool:
     td = _td()
     return td.is_available() and td.is_initialized()
 
 
+def _grouped() -> bool:
+    """In a process group and not inside `alone()`."""
+    return is_initialized() and not getattr(_alone, "on", False)
+
+
 def world_size() -> int:
-    return _td().get_world_size() if is_initialized() else 1
+    return _td().get_world_size() if _grouped() else 1
 
 
 def rank() -> int:
+    return _td().get_rank() if _grouped() else 0
+
+
+def group_rank() -> int:
+    """This process's rank in the torchrun group, inside `alone()` too (who draws progress bars)."""
     return _td().get_rank() if is_initialized() else 0
 
 
+def deal(items: Sequence) -> list:
+    """This process's round-robin share of independent tasks (all of them in a world of one)."""
+    return list(items)[rank() :: world_size()]
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Inside the block this process is a world of one: rank 0 of 1, every collective the identity,
+    so a stage runs exactly as without torchrun. The group itself stays open."""
+    before = getattr(_alone, "on", False)
+    _alone.on = True
+    try:
+        yield
+    finally:
+        _alone.on = before
+
+
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_initialized() else 0
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_initialized() else 0  # the device, even alone
 
 
 def is_main() -> bool:
@@ -62,10 +97,11 @@ def init_from_env(timeout_s: float = 1800) -> bool:
 
 
 @contextlib.contextmanager
-def session() -> Iterator[None]:
-    """Init from env on entry (if needed); on a normal exit barrier + destroy. After an error only
-    destroy: a barrier would wait for ranks that may be stuck in a collective."""
-    created = init_from_env()
+def session(timeout_s: float = 1800) -> Iterator[None]:
+    """Init from env on entry (if needed; `timeout_s`: how long a collective may wait); on a normal
+    exit barrier + destroy. After an error only destroy: a barrier would wait for ranks that may be
+    stuck in a collective."""
+    created = init_from_env(timeout_s)
     try:
         yield
     except BaseException:
@@ -83,7 +119,7 @@ def device(name: str) -> str:
 
 
 def barrier() -> None:
-    if is_initialized():
+    if _grouped():
         _td().barrier()
 
 

@@ -38,9 +38,9 @@ def console() -> Console:
 
 def progress_bar(*extra: ProgressColumn | str, show: bool = True) -> Progress:
     """Description, bar, done/total, rate, elapsed, ETA, plus any extra columns (e.g. loss).
-    show=False (tests, quiet callers) and torchrun ranks other than 0 get a disabled bar: the same
-    calls, nothing drawn."""
-    from .dist import is_main
+    show=False (tests, quiet callers) and torchrun ranks other than 0 (also when a stage runs
+    there alone, `dist.alone`) get a disabled bar: the same calls, nothing drawn."""
+    from .dist import group_rank, is_main
 
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -51,5 +51,5 @@ def progress_bar(*extra: ProgressColumn | str, show: bool = True) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console(),
-        disable=not (show and is_main()),
+        disable=not (show and is_main() and group_rank() == 0),
     )

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import dist
 from ..records import NonFiniteLossError
 
 # ------------------------------------------------------------------ pure tensor functions
@@ -88,8 +89,9 @@ def align_projector(
     """Train `model.projector` alone (LM untouched) on the bag-of-words loss for `steps` steps.
 
     sentences: video id -> its reference sentences; batches of `batch_videos` train videos are drawn
-    without replacement per epoch, from a generator seeded with `seed`. Returns a summary (SFT's
-    align.json)."""
+    without replacement per epoch, from a generator seeded with `seed`. Under torchrun each process
+    takes a contiguous share of every batch and weighs its loss by that share, so the summed
+    gradients are the one-process gradient. Returns a summary (SFT's align.json)."""
     from rich.progress import TextColumn
 
     from ..progress import progress_bar
@@ -100,8 +102,11 @@ def align_projector(
     words = model.embed.weight.detach()[vocab.to(model.device)].float()  # [V, d], frozen
     log_scale = torch.nn.Parameter(torch.tensor(math.log(20.0), device=model.device))  # CLIP-style temperature
     model.projector.requires_grad_(True)
-    opt = torch.optim.AdamW([*model.projector.parameters(), log_scale], lr=lr, weight_decay=0.0)
+    params = [*model.projector.parameters(), log_scale]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     batch = min(batch_videos, len(train_ids))
+    if batch < dist.world_size():
+        raise ValueError(f"projector alignment: {batch} videos a step for {dist.world_size()} processes")
     gen, order, losses = torch.Generator().manual_seed(seed), torch.empty(0, dtype=torch.long), []
     with progress_bar(TextColumn("loss {task.fields[loss]}"), show=show_progress) as bar:
         task = bar.add_task("projector alignment", total=steps, unit="steps", loss="--")
@@ -109,19 +114,22 @@ def align_projector(
             if len(order) < batch:  # the rest of this epoch, then the next one's shuffle
                 order = torch.cat([order, torch.randperm(len(train_ids), generator=gen)])
             rows, order = order[:batch], order[batch:]
+            mine = rows[dist.shard_slice(batch)]
             with model.autocast():
-                visual = model.projector(model.visual_input(store.grid_feats([train_ids[i] for i in rows])))
+                visual = model.projector(model.visual_input(store.grid_feats([train_ids[i] for i in mine])))
                 logits = word_logits(visual, words, log_scale.exp()).float()
-            loss = bag_of_words_loss(logits, targets[rows.to(model.device)])
-            if not torch.isfinite(loss):
+            loss = bag_of_words_loss(logits, targets[mine.to(model.device)]) * (len(mine) / batch)  # this share
+            whole = dist.all_reduce_sum(loss.detach().clone())
+            if not torch.isfinite(whole):
                 raise NonFiniteLossError(
                     f"projector alignment step {len(losses) + 1}: non-finite loss "
-                    f"({float(loss.detach())}); lower align_lr (now {lr})"
+                    f"({float(whole)}); lower align_lr (now {lr})"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            dist.all_reduce_grads(params, average=False)
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(whole))
             bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
     return {
         "steps": steps,

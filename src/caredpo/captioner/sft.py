@@ -8,6 +8,11 @@ a pure function of (seed, step): a resumed run sees exactly the batches it would
 A fresh run first aligns the projector alone (`align.py`, `align_steps`; no LM pass), so that SFT
 starts from visual tokens the LM can already read.
 
+Under `torchrun --nproc_per_node=N` each process takes whole videos of every step (a contiguous
+share, `dist.shard_slice`) and divides its summed token NLL by the step's token count over all
+processes, so the summed gradients are the one-process gradient: the same run, N times the cores.
+Rank 0 alone writes the log, checkpoints and the model.
+
 Run folder (`caredpo.training`): model/ (the captioner, `VideoCaptioner.from_pretrained`),
 checkpoint/ (latest resumable state), align.json (the alignment phase), log.jsonl (train and val
 losses), train_config.json, metrics.json (settings and final numbers).
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .. import dist
 from ..io import read_json, write_json
 from ..records import SENTENCE_POOLS, DataError, Dataset, check_pool
 from ..training import (
@@ -109,6 +115,15 @@ def split_train_val(dataset: Dataset, ids_with_features, cfg: SFTConfig) -> tupl
     return [v for v, g in keys.items() if g not in held], [v for v, g in keys.items() if g in held]
 
 
+def local_share(vids: list[str], caps: list[str]) -> tuple[list[str], list[str]]:
+    """This process's rows of a step: its contiguous share of the step's distinct videos, each with
+    all its captions (a video's prefix runs in one process only). World size 1: everything."""
+    order = list(dict.fromkeys(vids))
+    mine = set(order[dist.shard_slice(len(order))])
+    rows = [i for i, v in enumerate(vids) if v in mine]
+    return [vids[i] for i in rows], [caps[i] for i in rows]
+
+
 def batch_at(step: int, train_ids: list[str], sentences: dict[str, list[str]], cfg: SFTConfig):
     """(video ids, captions) of a step: deterministic in (seed, step)."""
     per_epoch = max(1, len(train_ids) // cfg.videos_per_step)
@@ -150,32 +165,40 @@ def train_step(
     step: int,
     checkpoint: Checkpoint,
 ) -> float:
-    """One update; a NaN/inf loss or gradient norm stops the run before it (`check_finite`)."""
+    """One update on this process's rows (`local_share`); returns the whole step's mean token NLL.
+    A NaN/inf loss or gradient norm stops the run before the update (`check_finite`)."""
     model.train()
-    loss = model.nll(feats, caps)
-    check_finite(loss.detach(), "loss", step + 1, checkpoint, "captioner SFT", HINT)
+    lp, mask = model.token_logprobs(feats, caps)
+    tokens = dist.all_reduce_sum(mask.sum().float())  # the step's caption tokens, every process
+    loss = -lp.sum() / tokens  # this process's share of the step's mean NLL
+    whole = dist.all_reduce_sum(loss.detach().clone())
+    check_finite(whole, "loss", step + 1, checkpoint, "captioner SFT", HINT)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norm = clip_gradients(model.trainable_parameters(), cfg.grad_clip)
+    params = model.trainable_parameters()
+    dist.all_reduce_grads(params, average=False)  # summed shares = the one-process gradient
+    norm = clip_gradients(params, cfg.grad_clip)
     check_finite(norm, "gradient norm", step + 1, checkpoint, "captioner SFT", HINT)
     opt.step()
     sched.step()
-    return float(loss.detach())
+    return float(whole)
 
 
 @torch.no_grad()
 def val_loss(
     model: VideoCaptioner, store, val_ids: list[str], sentences: dict[str, list[str]], videos_per_batch: int = 8
 ) -> float:
-    """Mean token NLL over all sentences of the val videos."""
+    """Mean token NLL over all sentences of the val videos (each process scores its share)."""
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(val_ids), videos_per_batch):
-        chunk = val_ids[i : i + videos_per_batch]
+    mine = val_ids[dist.shard_slice(len(val_ids))]
+    sums = torch.zeros(2, dtype=torch.float64)  # summed NLL, tokens
+    for i in range(0, len(mine), videos_per_batch):
+        chunk = mine[i : i + videos_per_batch]
         vids = [v for v in chunk for _ in sentences[v]]
         caps = [s for v in chunk for s in sentences[v]]
         lp, mask = model.token_logprobs(store.grid_feats(vids), caps)
-        total, count = total - float(lp.sum()), count + int(mask.sum())
+        sums += torch.tensor([-float(lp.sum()), int(mask.sum())], dtype=torch.float64)
+    total, count = dist.all_reduce_sum(sums).tolist()
     return total / max(count, 1)
 
 
@@ -211,10 +234,18 @@ def train_sft(
             "val_videos": len(val_ids),
         }
     )
-    start = begin(out, resume)
+    if dist.world_size() > cfg.videos_per_step:
+        raise DataError(
+            f"videos_per_step={cfg.videos_per_step} is below the {dist.world_size()} processes: "
+            "each step's videos are split over them; raise --videos-per-step"
+        )
+    main = dist.is_main()
+    start = begin(out, resume, main=main)
+    dist.broadcast_tensors(run_weights(model).values())  # every process starts from rank 0's weights
     if start is None:  # a fresh start; the checkpoint of a resumed run already holds the aligned projector
-        _align(model, store, sentences, train_ids, out, cfg, show_progress)
-    write_json(out / CONFIG_FILE, asdict(cfg))
+        _align(model, store, sentences, train_ids, out, cfg, show_progress and main)
+    if main:
+        write_json(out / CONFIG_FILE, asdict(cfg))
     opt, sched = make_optimizer(model, cfg)
     ckpt = Checkpoint(out)
     if start is not None:
@@ -223,36 +254,39 @@ def train_sft(
         log(f"resumed from {ckpt.path} at step {start}")
     t0 = time.perf_counter()
     plan = (train_ids, val_ids, sentences)
-    last_val = _loop(model, store, plan, opt, sched, cfg, start or 0, ckpt, meta, show_progress)
-    model.save_pretrained(out / "model")
+    last_val = _loop(model, store, plan, opt, sched, cfg, start or 0, ckpt, meta, show_progress and main)
     result = {
         **meta,
         "align": read_json(out / ALIGN_FILE) if (out / ALIGN_FILE).exists() else None,
         "steps_done": cfg.steps,
         "final_val_loss": last_val,
+        "processes": dist.world_size(),
         "seconds_this_run": round(time.perf_counter() - t0, 1),
     }
-    write_json(out / SUMMARY_FILE, result)
+    if main:
+        model.save_pretrained(out / "model")
+        write_json(out / SUMMARY_FILE, result)
+    dist.barrier()  # the model folder exists for every process on return
     return result
 
 
 def _align(model: VideoCaptioner, store, sentences, train_ids, out: Path, cfg: SFTConfig, show_progress: bool) -> None:
-    (out / ALIGN_FILE).unlink(missing_ok=True)
+    if dist.is_main():
+        (out / ALIGN_FILE).unlink(missing_ok=True)
     if cfg.align_steps:
-        write_json(
-            out / ALIGN_FILE,
-            align_projector(
-                model,
-                store,
-                sentences,
-                train_ids,
-                cfg.align_steps,
-                cfg.align_lr,
-                cfg.align_batch_videos,
-                cfg.seed,
-                show_progress,
-            ),
+        summary = align_projector(
+            model,
+            store,
+            sentences,
+            train_ids,
+            cfg.align_steps,
+            cfg.align_lr,
+            cfg.align_batch_videos,
+            cfg.seed,
+            show_progress,
         )
+        if dist.is_main():
+            write_json(out / ALIGN_FILE, summary)
 
 
 def _loop(
@@ -268,14 +302,15 @@ def _loop(
     with progress_bar(TextColumn("loss {task.fields[loss]}"), show=show_progress) as bar:
         task = bar.add_task("captioner sft", total=cfg.steps, completed=start, unit="steps", loss="--")
         for step in range(start, cfg.steps):
-            vids, caps = batch_at(step, train_ids, sentences, cfg)
+            vids, caps = local_share(*batch_at(step, train_ids, sentences, cfg))
             loss = train_step(model, store.grid_feats(vids), caps, opt, sched, cfg, step, ckpt)
             row = {"step": step + 1, "loss": round(loss, 5), "lr": sched.get_last_lr()[0]}
             done = step + 1 == cfg.steps
             if val_ids and (due(cfg.val_every, step + 1) or done):
                 last_val = row["val_loss"] = round(val_loss(model, store, val_ids, sentences), 5)
-            metrics.append(row)
-            if due(cfg.save_every, step + 1) or done:
-                ckpt.save(step + 1, meta, run_weights(model), opt, sched)
+            if dist.is_main():  # rank 0 alone writes the log and checkpoints
+                metrics.append(row)
+                if due(cfg.save_every, step + 1) or done:
+                    ckpt.save(step + 1, meta, run_weights(model), opt, sched)
             bar.update(task, advance=1, loss=f"{loss:.3f}" + (f" val {last_val:.3f}" if last_val else ""))
     return last_val

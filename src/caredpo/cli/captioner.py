@@ -36,7 +36,9 @@ def sft(
     threads: int = THREADS,
     overrides: Overrides = NO_OVERRIDES,
 ) -> None:
-    """Projector alignment, then fine-tuning of projector + LoRA on the train split's sentences."""
+    """Projector alignment, then fine-tuning of projector + LoRA on the train split's sentences.
+    Under `torchrun --nproc_per_node=N` each step's videos are split over the processes."""
+    from .. import dist
     from ..pipeline.stages import train_captioner
     from ..progress import console
 
@@ -44,9 +46,12 @@ def sft(
     config = preset_config(preset, seed)
     model_cfg, sft_cfg = overrides.apply("captioner", config.captioner), overrides.apply("sft", config.sft)
     dataset, store = load_data(data, features, seed)
-    result = train_captioner(dataset, store, out, model_cfg, sft_cfg, resume=resume, log=console().print)
-    console().print(f"final val loss {result['final_val_loss']}  ({result['seconds_this_run']} s)")
-    typer.echo(str(out / "model"))
+    with dist.session():
+        result = train_captioner(dataset, store, out, model_cfg, sft_cfg, resume=resume, log=console().print)
+        main = dist.is_main()
+    if main:
+        console().print(f"final val loss {result['final_val_loss']}  ({result['seconds_this_run']} s)")
+        typer.echo(str(out / "model"))
 
 
 @app.command("generate")

@@ -3,21 +3,27 @@
 A stage's marker is run/stages/<name>.json ({seconds, peak_rss_mb, ...}); an interrupted stage has
 no marker and resumes from its own partial outputs on the next run. Every line of progress also goes
 to run/run.log.
+
+`torchrun --nproc_per_node=N --no-python caredpo run ...` runs the same stages over N processes
+(`stages.PROCESSES` says how each uses them); rank 0 writes the markers, the log and the report.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import resource
 import time
 from importlib.metadata import version
 from pathlib import Path
 
+from .. import dist
 from ..data import DataSource
 from ..io import read_json, write_json
 from .layout import RunLayout
 from .presets import run_config
-from .stages import STAGES, RunContext
+from .stages import PROCESSES, STAGES, RunContext
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "av", "faiss-cpu", "caredpo")
 
@@ -39,6 +45,8 @@ class RunLog:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, message: str) -> None:
+        if not dist.is_main():  # under torchrun rank 0 speaks, or a process running a stage alone
+            return
         line = f"[{time.perf_counter() - self.t0:7.1f}s] {message}"
         with self.path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -64,22 +72,79 @@ def run_pipeline(
     """Run (or finish) the whole experiment in `out`, on TwinClips generated there or on the data
     set `data` (any layout `load_dataset` reads); returns results.json's content. skip_bad: list
     missing and unreadable videos (features/skipped.jsonl) and go on without them."""
+    with dist.session(timeout_s=STAGE_TIMEOUT_S):
+        return _run(preset, seed, out, only, data, skip_bad)
+
+
+STAGE_TIMEOUT_S = 24 * 3600  # how long processes may wait at a barrier for rank 0's "main" stages
+
+
+def _run(preset: str, seed: int, out, only, data: DataSource | None, skip_bad: bool) -> dict:
     config = run_config(preset, seed)
     layout = RunLayout.create(out, data.path if data else None)
     source = data or layout.data_source()
-    _check_same_config(layout, config, data)
+    if dist.is_main():
+        _check_same_config(layout, config, data)
+    dist.barrier()
     log = RunLog(layout.log)
     ctx = RunContext(layout=layout, config=config, source=source, log=log, skip_bad=skip_bad)
-    log(f"caredpo run: preset={preset} seed={seed} out={out} data={source.path}; precision: {_precisions(config)}")
-    stages = stages_of(layout)
-    for i, (name, stage) in enumerate(stages.items(), 1):
-        if only and name not in only:
-            continue
-        _run_stage(ctx, f"{i}/{len(stages)}", name, stage)
+    procs = f"; {dist.world_size()} processes" if dist.world_size() > 1 else ""
+    log(
+        f"caredpo run: preset={preset} seed={seed} out={out} data={source.path}; precision: {_precisions(config)}{procs}"
+    )
+    names = stages_of(layout)
+    stages = [(f"{i}/{len(names)}", n, fn) for i, (n, fn) in enumerate(names.items(), 1) if not only or n in only]
+    for group in _groups(stages):
+        _run_group(ctx, group)
     if not layout.marker("evaluate").exists():
         log("evaluation has not run yet (--only): no results table")
         return {}
-    return _report(ctx)
+    return _report(ctx) if dist.is_main() else {}
+
+
+def _groups(stages: list) -> list[list]:
+    """The stages in run order, consecutive "pair" stages (`PROCESSES`) in one group."""
+    groups: list[list] = []
+    for s in stages:
+        paired = PROCESSES.get(s[1]) == "pair"
+        if paired and groups and PROCESSES.get(groups[-1][0][1]) == "pair":
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def _run_group(ctx: RunContext, group: list) -> None:
+    """One stage as `PROCESSES` says, or a pair side by side (each process takes its share, alone).
+    Every process leaves through the same barrier, so all see the markers written."""
+    at, name, stage = group[0]
+    how = PROCESSES.get(name)
+    if how == "pair":
+        for at, name, stage in dist.deal(group):
+            with dist.alone():
+                _run_stage(ctx, at, name, stage)
+    elif how == "main":
+        if dist.is_main():
+            with _all_cores():
+                _run_stage(ctx, at, name, stage)
+    else:
+        _run_stage(ctx, at, name, stage)
+    dist.barrier()
+
+
+@contextlib.contextmanager
+def _all_cores():
+    """Rank 0 of several processes (1 torch thread each under torchrun) takes every core while the
+    others wait at a barrier; one process keeps the thread setting it was given."""
+    import torch
+
+    before = torch.get_num_threads()
+    if dist.world_size() > 1:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _report(ctx: RunContext) -> dict:
@@ -104,7 +169,8 @@ def _report(ctx: RunContext) -> dict:
 
 
 def _run_stage(ctx: RunContext, at: str, name: str, stage) -> None:
-    """at: "i/N", the stage's place in the run."""
+    """at: "i/N", the stage's place in the run. Rank 0 (or a process running the stage alone)
+    writes the marker."""
     marker = ctx.layout.marker(name)
     if marker.exists():
         ctx.log(f"stage {at} {name}: done earlier, skipped")
@@ -113,7 +179,9 @@ def _run_stage(ctx: RunContext, at: str, name: str, stage) -> None:
     t0 = time.perf_counter()
     info = stage(ctx)
     seconds = round(time.perf_counter() - t0, 1)
-    write_json(marker, {"seconds": seconds, "peak_rss_mb": round(peak_rss_mb()), **info})
+    if dist.is_main():
+        where = {"process": dist.group_rank()} if dist.is_initialized() else {}  # under torchrun: who ran it
+        write_json(marker, {"seconds": seconds, "peak_rss_mb": round(peak_rss_mb()), **where, **info})
     ctx.log(f"stage {at} {name}: finished in {seconds:.1f} s")
 
 

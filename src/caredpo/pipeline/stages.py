@@ -283,38 +283,52 @@ def _train_captions(ctx: RunContext) -> dict:
 
 
 def _retrievers(ctx: RunContext) -> dict:
-    done = {}
-    for name in RETRIEVERS:
-        metrics = train_one_retriever(
-            ctx.config.retriever_config(name),
-            ctx.dataset,
-            ctx.store,
-            ctx.layout.retriever(name),
-            ctx.layout.captions("sft", "train"),
-            resume=True,
-            log=ctx.log,
-        )
-        done[name] = metrics.get("t2v", {}).get("R1")
-    return {"monitored_t2v_R1": done}
+    """Every RETRIEVERS entry; several processes train them side by side, each one alone (so each
+    is the one-process retriever)."""
+    from .. import dist
+
+    for name in dist.deal(RETRIEVERS):
+        with dist.alone():
+            train_one_retriever(
+                ctx.config.retriever_config(name),
+                ctx.dataset,
+                ctx.store,
+                ctx.layout.retriever(name),
+                ctx.layout.captions("sft", "train"),
+                resume=True,
+                log=ctx.log,
+            )
+    dist.barrier()
+    return {"monitored_t2v_R1": {n: _metrics(ctx.layout.retriever(n)).get("t2v", {}).get("R1") for n in RETRIEVERS}}
 
 
 def _rerankers(ctx: RunContext) -> dict:
+    """Every RERANKERS entry, side by side over the processes as the retrievers."""
+    from .. import dist
+
     if ctx.config.reranker is None:
         return {"skipped": f"preset {ctx.config.preset!r} has no reranker"}
-    done = {}
-    for name, (_, first_stage) in RERANKERS.items():
-        metrics = train_one_reranker(
-            ctx.config.reranker_config(name),
-            ctx.layout.captioner("sft"),
-            ctx.dataset,
-            ctx.store,
-            ctx.layout.reranker(name),
-            ctx.layout.retriever(first_stage),
-            ctx.layout.captions("sft", "train"),
-            resume=True,
-        )
-        done[name] = metrics.get("list_accuracy")
-    return {"final_list_accuracy": done}
+    for name in dist.deal(RERANKERS):
+        with dist.alone():
+            train_one_reranker(
+                ctx.config.reranker_config(name),
+                ctx.layout.captioner("sft"),
+                ctx.dataset,
+                ctx.store,
+                ctx.layout.reranker(name),
+                ctx.layout.retriever(RERANKERS[name][1]),
+                ctx.layout.captions("sft", "train"),
+                resume=True,
+            )
+    dist.barrier()
+    return {"final_list_accuracy": {n: _metrics(ctx.layout.reranker(n)).get("list_accuracy") for n in RERANKERS}}
+
+
+def _metrics(trainer_dir: Path) -> dict:
+    """A finished trainer's metrics.json."""
+    from ..io import read_json
+
+    return read_json(TrainerFiles(trainer_dir).metrics)
 
 
 def _prefs(ctx: RunContext) -> dict:
@@ -374,3 +388,11 @@ STAGES: dict[str, Callable[[RunContext], dict]] = {
     "test_captions": _test_captions,
     "evaluate": _evaluate,
 }
+
+# How a stage uses the processes of `torchrun ... caredpo run` (in one process all run alike):
+#   every stage not named here: every process runs it and it splits the work itself (SFT and its
+#     alignment data-parallel; captions and preference groups sharded by video; retrievers and
+#     rerankers dealt out, one process each);
+#   "main": rank 0 runs it with all the cores while the others wait;
+#   "pair": consecutive stages marked "pair" run side by side, one process each, each alone.
+PROCESSES: dict[str, str] = {"data": "main", "features": "main", "evaluate": "main", "dpo": "pair", "dg_dpo": "pair"}
