@@ -140,7 +140,7 @@ def _all_cores():
 
     before = torch.get_num_threads()
     if dist.world_size() > 1:
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(_cpus())
     try:
         yield
     finally:
@@ -241,6 +241,4 @@ def _version(pkg: str) -> str:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
